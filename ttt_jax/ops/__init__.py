@@ -1,0 +1,22 @@
+"""Pure-JAX ops: `op(..., initial_state=None, ...) -> (out, final_state)` on `[B, T, H, D]`."""
+
+# --- the shared scan machinery
+from ttt_jax.ops.chunked_scan import chunked_scan
+from ttt_jax.ops.remat import POLICY_NAMES, resolve_policy
+
+# --- TTT-Linear / TTT-MLP (SPEC 3.1)
+from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
+from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
+from ttt_jax.ops.ttt_primal import ttt_linear_primal, ttt_mlp_primal
+
+__all__ = [
+    "POLICY_NAMES",
+    "TTTLinearState",
+    "TTTMLPState",
+    "chunked_scan",
+    "resolve_policy",
+    "ttt_linear",
+    "ttt_linear_primal",
+    "ttt_mlp",
+    "ttt_mlp_primal",
+]

@@ -1,0 +1,92 @@
+"""Argument checks shared by every op.
+
+They run in Python on static shapes and dtypes, so a bad call fails with a `ValueError` that
+names the argument before anything is traced or compiled. No op broadcasts silently: every
+shape is checked against the one the math needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+# A dimension in an expected shape: an int must match exactly; a str names a dimension that
+# must agree with every other occurrence of the same name in one `check_shapes` call.
+Dim = int | str
+
+
+def describe(shape: Sequence[Dim]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def check_shapes(specs: Sequence[tuple[str, object, Sequence[Dim]]]) -> dict[str, int]:
+    """Checks ranks and shapes of several arrays against named dimensions.
+
+    Args:
+      specs: `(argument name, array or None, expected shape)`; named dimensions (strings such as
+        "B", "T") bind to the first size seen and must agree afterwards. `None` arrays are
+        skipped.
+
+    Returns:
+      The bound named dimensions, e.g. `{"B": 2, "T": 128, ...}`.
+
+    Raises:
+      ValueError: naming the argument, the shape seen and the shape expected.
+    """
+    bound: dict[str, int] = {}
+    first_seen: dict[str, str] = {}
+    for name, x, expected in specs:
+        if x is None:
+            continue
+        shape = tuple(jnp.shape(x))
+        if len(shape) != len(expected):
+            raise ValueError(
+                f"{name} must have rank {len(expected)} with shape {describe(expected)}, "
+                f"got shape {shape}"
+            )
+        for axis, (size, want) in enumerate(zip(shape, expected, strict=True)):
+            if isinstance(want, int):
+                if size != want:
+                    raise ValueError(
+                        f"{name} has shape {shape} but expected {describe(expected)}: "
+                        f"axis {axis} must be {want}"
+                    )
+            elif want in bound:
+                if size != bound[want]:
+                    raise ValueError(
+                        f"{name} has shape {shape} but {first_seen[want]} gives "
+                        f"{want}={bound[want]}: expected {name} shape "
+                        f"{describe([bound.get(d, d) if isinstance(d, str) else d for d in expected])}"
+                    )
+            else:
+                bound[want] = size
+                first_seen[want] = name
+    return bound
+
+
+def check_float(**arrays: object) -> None:
+    """Raises if any given array (None skipped) does not have a floating dtype."""
+    for name, x in arrays.items():
+        if x is None:
+            continue
+        dtype = jnp.result_type(x)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype, got {dtype}")
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Returns `value` if it is a positive Python int, else raises naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_optional_positive_int(name: str, value: object) -> int | None:
+    return None if value is None else check_positive_int(name, value)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    return value  # type: ignore[return-value]

@@ -1,0 +1,157 @@
+"""Pieces shared by TTT-Linear and TTT-MLP (SPEC 3.1): the inner loss, its gradient, the
+learning-rate matrix of the dual form, argument checks, and the driver over mini-batches."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ttt_jax.ops.checks import check_float, check_positive_int, check_shapes
+from ttt_jax.ops.chunked_scan import check_scan_knobs, chunked_scan
+from ttt_jax.ops.chunking import merge_time, split_time
+
+LN_EPS = 1e-6
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def matmul(spec: str, a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
+    """`einsum` with operands in the compute dtype and fp32 accumulation and result.
+
+    fp32 inputs ask for HIGHEST precision so that GPUs do not silently drop to TF32 and parity
+    with the reference holds; bf16 inputs take the fast path.
+    """
+    precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
+    return jnp.einsum(
+        spec,
+        a.astype(compute_dtype),
+        b.astype(compute_dtype),
+        preferred_element_type=jnp.float32,
+        precision=precision,
+    )
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
+
+
+def gelu_tanh_grad(x: jax.Array) -> jax.Array:
+    """d gelu_tanh / dx, written out because the dual form needs it as a value, not a VJP."""
+    t = jnp.tanh(_GELU_C * (x + 0.044715 * x**3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+def layer_norm(z: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """Per-head LayerNorm over the last axis; `z: [B, H, C, D]`, `scale, bias: [H, D]`."""
+    mu = z.mean(-1, keepdims=True)
+    xhat = (z - mu) * lax.rsqrt(((z - mu) ** 2).mean(-1, keepdims=True) + LN_EPS)
+    return xhat * scale[:, None, :] + bias[:, None, :]
+
+
+def layer_norm_l2_grad(
+    z: jax.Array, target: jax.Array, scale: jax.Array, bias: jax.Array
+) -> jax.Array:
+    """Gradient w.r.t. `z` of `1/2 ||LN(z) - target||^2`, per token (all `[B, H, C, D]`).
+
+    Closed form of the LayerNorm backward: with `x = (z - mu) / sigma` and
+    `gx = (LN(z) - target) * scale`, `dz = (gx - mean(gx) - x * mean(gx * x)) / sigma`.
+    """
+    mu = z.mean(-1, keepdims=True)
+    inv_sigma = lax.rsqrt(((z - mu) ** 2).mean(-1, keepdims=True) + LN_EPS)
+    xhat = (z - mu) * inv_sigma
+    gx = (xhat * scale[:, None, :] + bias[:, None, :] - target) * scale[:, None, :]
+    return (
+        gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True)
+    ) * inv_sigma
+
+
+def lr_matrices(eta: jax.Array, token_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Learning rates of one mini-batch in dual form.
+
+    Args:
+      eta: `[B, H, C]` per source-token rates.
+      token_scale: `[C]` per target-position scales.
+
+    Returns:
+      `E: [B, H, C, C]` with `E[i, j] = token_scale[i] * eta[j]` for `j <= i`, else 0, and
+      `e_last: [B, H, C]`, its last row, which produces the next mini-batch's weights.
+    """
+    c = eta.shape[-1]
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+    e = jnp.where(causal, token_scale[:, None] * eta[..., None, :], 0.0)
+    return e, token_scale[-1] * eta
+
+
+def default_token_scale(mini_batch_size: int) -> jax.Array:
+    """`1 / (i + 1)` for positions `i = 0..C-1` (SPEC 3.1)."""
+    return 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=jnp.float32)
+
+
+def check_ttt_args(
+    q, k, v, eta, params: Sequence[tuple[str, Any, tuple]], state_fields, initial_state,
+    mini_batch_size, token_scale, checkpoint_group, remat_policy,
+) -> dict[str, int]:
+    """Checks every TTT op argument before tracing; returns the bound dims (B, T, H, D, ...)."""
+    c = check_positive_int("mini_batch_size", mini_batch_size)
+    check_float(q=q, k=k, v=v, eta=eta, token_scale=token_scale, **{n: p for n, p, _ in params})
+    specs = [
+        ("q", q, ("B", "T", "H", "D")),
+        ("k", k, ("B", "T", "H", "D")),
+        ("v", v, ("B", "T", "H", "D")),
+        ("eta", eta, ("B", "T", "H")),
+        *params,
+        ("token_scale", token_scale, (c,)),
+    ]
+    if initial_state is not None:
+        for name, shape in state_fields:
+            specs.append((f"initial_state.{name}", getattr(initial_state, name), ("B", *shape)))
+    dims = check_shapes(specs)
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_scan_knobs(checkpoint_group, remat_policy)
+    return dims
+
+
+def run_mini_batches(
+    step: Callable[[Any, tuple], tuple[Any, jax.Array]],
+    state: Any,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    eta: jax.Array,
+    *,
+    mini_batch_size: int,
+    checkpoint_group: int | None,
+    remat_policy: str | None,
+    unroll: int,
+) -> tuple[jax.Array, Any]:
+    """Scans `step` over the mini-batches of `[B, T, H, D]` inputs.
+
+    `step(state, (q, k, v, eta)) -> (state, out)` sees one mini-batch laid out `[B, H, C, D]`
+    (`eta: [B, H, C]`) so that every matmul batches all samples and heads at once. Complete
+    mini-batches go through `chunked_scan` (the memory knobs); a trailing partial one is
+    zero-padded, run once, and its state update dropped.
+
+    Returns:
+      `(out [B, T, H, D] float32, state after the last complete mini-batch)`.
+    """
+    t = q.shape[1]
+    splits = [split_time(x, mini_batch_size) for x in (q, k, v, eta)]
+    # [n, B, C, H, ...] -> [n, B, H, C, ...] once, outside the loop, so no step transposes.
+    full = tuple(None if f is None else jnp.swapaxes(f, 2, 3) for f, _ in splits)
+    tail = tuple(None if r is None else jnp.swapaxes(r, 1, 2) for _, r in splits)
+    out_full = out_tail = None
+    if full[0] is not None:
+        state, out_full = chunked_scan(
+            step, state, full, checkpoint_group=checkpoint_group,
+            remat_policy=remat_policy, unroll=unroll,
+        )
+        out_full = jnp.swapaxes(out_full, 2, 3)
+    if tail[0] is not None:
+        _, out_tail = step(state, tail)
+        out_tail = jnp.swapaxes(out_tail, 1, 2)
+    return merge_time(out_full, out_tail, t), state

@@ -1,0 +1,129 @@
+"""TTT-Linear in dual form (Sun et al. 2024, SPEC 3.1).
+
+Inner model `f(x) = x W + b` per sample and head. Within a mini-batch that starts at `(W, b)`,
+token i reads the weights after the gradient steps of tokens `j <= i`, all gradients taken at
+`(W, b)`:
+
+    W_i = W - sum_{j<=i} E[i, j] k_j^T G_j,   b_i = b - sum_{j<=i} E[i, j] G_j
+    out_i = q_i + LN(q_i W_i + b_i)
+
+with `E[i, j] = token_scale[i] * eta[j]` and `G_j` the gradient of the inner loss at the
+LayerNorm input. The dual form never builds any `W_i`:
+
+    Z_bar = q W + b - (E * (q k^T + 1)) G
+
+costing `O(C^2 D + C D^2)` per mini-batch instead of `O(C D^2)` memory per token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.ad_checkpoint import checkpoint_name
+
+from ttt_jax.ops.ttt_common import (
+    check_ttt_args,
+    default_token_scale,
+    layer_norm,
+    layer_norm_l2_grad,
+    lr_matrices,
+    matmul,
+    run_mini_batches,
+)
+
+# checkpoint_name tags usable in `save_names:` / `offload_names:` remat policies.
+NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
+
+
+@struct.dataclass
+class TTTLinearState:
+    """Per-sample fast weights: `W1: [B, H, D, D]`, `b1: [B, H, D]` (state dtype)."""
+
+    W1: jax.Array
+    b1: jax.Array
+
+
+def ttt_linear(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    eta: jax.Array,
+    *,
+    W1: jax.Array,
+    b1: jax.Array,
+    ln_scale: jax.Array,
+    ln_bias: jax.Array,
+    mini_batch_size: int = 16,
+    token_scale: jax.Array | None = None,
+    initial_state: TTTLinearState | None = None,
+    checkpoint_group: int | None = None,
+    remat_policy: str | None = None,
+    state_dtype=jnp.float32,
+    unroll: int = 1,
+) -> tuple[jax.Array, TTTLinearState]:
+    """TTT-Linear over a sequence.
+
+    Args:
+      q, k, v: `[B, T, H, D]` queries, keys (inner inputs) and values (the inner target is
+        `v - k`); bf16 or fp32, one dtype. Matmuls run in this dtype with fp32 accumulation.
+      eta: `[B, T, H]` per source-token inner learning rate.
+      W1: `[H, D, D]` initial fast weight (used when `initial_state` is None).
+      b1: `[H, D]` initial fast bias.
+      ln_scale, ln_bias: `[H, D]` per-head LayerNorm of the inner model's output.
+      mini_batch_size: C, tokens per inner gradient step. T need not be a multiple.
+      token_scale: `[C]` scale of position i within a mini-batch; default `1 / (i + 1)`.
+      initial_state: per-sample weights to start from (fields `[B, H, ...]`).
+      checkpoint_group: rematerialise groups of this many mini-batches (None: no remat).
+      remat_policy: name of the remat policy inside a group (`ttt_jax.ops.remat`).
+      state_dtype: dtype of the fast weights and their updates (fp32 by default).
+      unroll: scan unroll factor (speed only).
+
+    Returns:
+      `o: [B, T, H, D]` in the dtype of q (`q_i + LN(f_{W_i}(q_i))`), and the state after the
+      last complete mini-batch.
+    """
+    dims = check_ttt_args(
+        q, k, v, eta,
+        [("W1", W1, ("H", "D", "D")), ("b1", b1, ("H", "D")),
+         ("ln_scale", ln_scale, ("H", "D")), ("ln_bias", ln_bias, ("H", "D"))],
+        [("W1", ("H", "D", "D")), ("b1", ("H", "D"))], initial_state,
+        mini_batch_size, token_scale, checkpoint_group, remat_policy,
+    )
+    cd = q.dtype
+    if token_scale is None:
+        token_scale = default_token_scale(mini_batch_size)
+    token_scale = token_scale.astype(jnp.float32)
+    ln_scale = ln_scale.astype(jnp.float32)
+    ln_bias = ln_bias.astype(jnp.float32)
+    if initial_state is None:
+        b = dims["B"]
+        initial_state = TTTLinearState(
+            W1=jnp.broadcast_to(W1, (b, *W1.shape)), b1=jnp.broadcast_to(b1, (b, *b1.shape))
+        )
+    state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
+
+    def step(s: TTTLinearState, xs):
+        qc, kc, vc, ec = xs  # [B, H, C, D], eta [B, H, C]
+        w, bias = s.W1, s.b1.astype(jnp.float32)[:, :, None, :]
+        z = checkpoint_name(matmul("bhcd,bhde->bhce", kc, w, cd) + bias, "ttt_z")
+        target = vc.astype(jnp.float32) - kc.astype(jnp.float32)
+        g = checkpoint_name(layer_norm_l2_grad(z, target, ln_scale, ln_bias), "ttt_grad")
+        e, e_last = lr_matrices(ec.astype(jnp.float32), token_scale)
+        # (q k^T + 1): the +1 is the bias's share of the inner gradient step.
+        attn = e * (matmul("bhid,bhjd->bhij", qc, kc, cd) + 1.0)
+        z_bar = matmul("bhcd,bhde->bhce", qc, w, cd) + bias - matmul("bhij,bhjd->bhid", attn, g, cd)
+        z_bar = checkpoint_name(z_bar, "ttt_z_bar")
+        out = qc.astype(jnp.float32) + layer_norm(z_bar, ln_scale, ln_bias)
+        ge = g * e_last[..., None]
+        new = TTTLinearState(
+            W1=(s.W1 - matmul("bhcd,bhce->bhde", kc, ge, cd)).astype(state_dtype),
+            b1=(s.b1 - ge.sum(2)).astype(state_dtype),
+        )
+        return new, out
+
+    out, state = run_mini_batches(
+        step, state, q, k, v, eta, mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group, remat_policy=remat_policy, unroll=unroll,
+    )
+    return out.astype(q.dtype), state

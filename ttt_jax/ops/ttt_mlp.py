@@ -1,0 +1,135 @@
+"""TTT-MLP in dual form (Sun et al. 2024, SPEC 3.1).
+
+Inner model `f(x) = gelu_tanh(x W1 + b1) W2 + b2` per sample and head, hidden width F (4D by
+default). Every gradient of a mini-batch is taken at its start weights, so each layer of the
+inner MLP has the same dual form as TTT-Linear, the first with the keys as inputs and the
+second with the hidden activations `X2 = gelu(k W1 + b1)`:
+
+    Z1_bar = q W1 + b1 - (E * (q k^T + 1)) G1
+    X2_bar = gelu(Z1_bar)
+    Z2_bar = X2_bar W2 + b2 - (E * (X2_bar X2^T + 1)) G2
+    out    = q + LN(Z2_bar)
+
+where `G2` is the gradient at the LayerNorm input and `G1 = (G2 W2^T) * gelu'(Z1)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.ad_checkpoint import checkpoint_name
+
+from ttt_jax.ops.ttt_common import (
+    check_ttt_args,
+    default_token_scale,
+    gelu_tanh,
+    gelu_tanh_grad,
+    layer_norm,
+    layer_norm_l2_grad,
+    lr_matrices,
+    matmul,
+    run_mini_batches,
+)
+
+NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
+
+
+@struct.dataclass
+class TTTMLPState:
+    """Per-sample fast weights: `W1 [B, H, D, F]`, `b1 [B, H, F]`, `W2 [B, H, F, D]`, `b2 [B, H, D]`."""
+
+    W1: jax.Array
+    b1: jax.Array
+    W2: jax.Array
+    b2: jax.Array
+
+
+def ttt_mlp(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    eta: jax.Array,
+    *,
+    W1: jax.Array,
+    b1: jax.Array,
+    W2: jax.Array,
+    b2: jax.Array,
+    ln_scale: jax.Array,
+    ln_bias: jax.Array,
+    mini_batch_size: int = 16,
+    token_scale: jax.Array | None = None,
+    initial_state: TTTMLPState | None = None,
+    checkpoint_group: int | None = None,
+    remat_policy: str | None = None,
+    state_dtype=jnp.float32,
+    unroll: int = 1,
+) -> tuple[jax.Array, TTTMLPState]:
+    """TTT-MLP over a sequence.
+
+    Args:
+      q, k, v: `[B, T, H, D]` (inner target `v - k`), bf16 or fp32, one dtype.
+      eta: `[B, T, H]` per source-token inner learning rate.
+      W1: `[H, D, F]`, b1: `[H, F]`, W2: `[H, F, D]`, b2: `[H, D]` initial fast weights.
+      ln_scale, ln_bias: `[H, D]` per-head LayerNorm of the inner model's output.
+      mini_batch_size, token_scale, initial_state, checkpoint_group, remat_policy,
+      state_dtype, unroll: as in `ttt_linear`.
+
+    Returns:
+      `o: [B, T, H, D]` in the dtype of q, and the state after the last complete mini-batch.
+    """
+    dims = check_ttt_args(
+        q, k, v, eta,
+        [("W1", W1, ("H", "D", "F")), ("b1", b1, ("H", "F")),
+         ("W2", W2, ("H", "F", "D")), ("b2", b2, ("H", "D")),
+         ("ln_scale", ln_scale, ("H", "D")), ("ln_bias", ln_bias, ("H", "D"))],
+        [("W1", ("H", "D", "F")), ("b1", ("H", "F")), ("W2", ("H", "F", "D")), ("b2", ("H", "D"))],
+        initial_state, mini_batch_size, token_scale, checkpoint_group, remat_policy,
+    )
+    cd = q.dtype
+    if token_scale is None:
+        token_scale = default_token_scale(mini_batch_size)
+    token_scale = token_scale.astype(jnp.float32)
+    ln_scale = ln_scale.astype(jnp.float32)
+    ln_bias = ln_bias.astype(jnp.float32)
+    if initial_state is None:
+        b = dims["B"]
+        initial_state = TTTMLPState(
+            *(jnp.broadcast_to(p, (b, *p.shape)) for p in (W1, b1, W2, b2))
+        )
+    state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
+
+    def step(s: TTTMLPState, xs):
+        qc, kc, vc, ec = xs  # [B, H, C, D], eta [B, H, C]
+        b1c = s.b1.astype(jnp.float32)[:, :, None, :]
+        b2c = s.b2.astype(jnp.float32)[:, :, None, :]
+        z1 = checkpoint_name(matmul("bhcd,bhdf->bhcf", kc, s.W1, cd) + b1c, "ttt_z")
+        x2 = gelu_tanh(z1)
+        z2 = matmul("bhcf,bhfd->bhcd", x2, s.W2, cd) + b2c
+        target = vc.astype(jnp.float32) - kc.astype(jnp.float32)
+        g2 = layer_norm_l2_grad(z2, target, ln_scale, ln_bias)
+        g1 = matmul("bhcd,bhfd->bhcf", g2, s.W2, cd) * gelu_tanh_grad(z1)
+        g1 = checkpoint_name(g1, "ttt_grad")
+        e, e_last = lr_matrices(ec.astype(jnp.float32), token_scale)
+        attn1 = e * (matmul("bhid,bhjd->bhij", qc, kc, cd) + 1.0)
+        z1_bar = matmul("bhcd,bhdf->bhcf", qc, s.W1, cd) + b1c
+        z1_bar = z1_bar - matmul("bhij,bhjf->bhif", attn1, g1, cd)
+        x2_bar = gelu_tanh(z1_bar)
+        attn2 = e * (matmul("bhif,bhjf->bhij", x2_bar, x2, cd) + 1.0)
+        z2_bar = matmul("bhcf,bhfd->bhcd", x2_bar, s.W2, cd) + b2c
+        z2_bar = checkpoint_name(z2_bar - matmul("bhij,bhjd->bhid", attn2, g2, cd), "ttt_z_bar")
+        out = qc.astype(jnp.float32) + layer_norm(z2_bar, ln_scale, ln_bias)
+        g1e, g2e = g1 * e_last[..., None], g2 * e_last[..., None]
+        new = TTTMLPState(
+            W1=(s.W1 - matmul("bhcd,bhcf->bhdf", kc, g1e, cd)).astype(state_dtype),
+            b1=(s.b1 - g1e.sum(2)).astype(state_dtype),
+            W2=(s.W2 - matmul("bhcf,bhcd->bhfd", x2, g2e, cd)).astype(state_dtype),
+            b2=(s.b2 - g2e.sum(2)).astype(state_dtype),
+        )
+        return new, out
+
+    out, state = run_mini_batches(
+        step, state, q, k, v, eta, mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group, remat_policy=remat_policy, unroll=unroll,
+    )
+    return out.astype(q.dtype), state

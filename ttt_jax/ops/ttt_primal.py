@@ -1,0 +1,107 @@
+"""TTT-Linear and TTT-MLP in primal form: the baseline the dual form is measured against.
+
+The primal form does what SPEC 3.1 says literally: per mini-batch it takes each token's inner
+gradient with `jax.grad`, materialises every token's weights `W_i` (`[B, H, C, ...]` per
+mini-batch) and applies them. Training differentiates through all of it with plain autodiff.
+It is slower and heavier than the dual form (`ttt_linear`, `ttt_mlp`) and exists as an
+in-library oracle for tests and as the benchmark baseline; same signature, same results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.ops.ttt_common import (
+    default_token_scale,
+    gelu_tanh,
+    layer_norm,
+    matmul,
+    run_mini_batches,
+)
+from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
+from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
+
+Inner = Callable[[dict, jax.Array], jax.Array]
+
+
+def _linear_inner(p: dict, x: jax.Array, cd) -> jax.Array:
+    return matmul("d,de->e", x, p["W1"], cd) + p["b1"]
+
+
+def _mlp_inner(p: dict, x: jax.Array, cd) -> jax.Array:
+    h = gelu_tanh(matmul("d,df->f", x, p["W1"], cd) + p["b1"])
+    return matmul("f,fd->d", h, p["W2"], cd) + p["b2"]
+
+
+def _primal(inner, state_cls, q, k, v, eta, params, ln_scale, ln_bias, mini_batch_size,
+            token_scale, initial_state, checkpoint_group, remat_policy, state_dtype, unroll):
+    cd = q.dtype
+    ts = default_token_scale(mini_batch_size) if token_scale is None else token_scale
+    ts = ts.astype(jnp.float32)
+    ln_s, ln_b = ln_scale.astype(jnp.float32), ln_bias.astype(jnp.float32)
+    if initial_state is None:
+        initial_state = state_cls(**{n: jnp.broadcast_to(p, (q.shape[0], *p.shape))
+                                     for n, p in params.items()})
+    state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
+
+    def head_norm(y, h):  # y: [D] of head h
+        return layer_norm(y[None, None, None], ln_s[h][None], ln_b[h][None])[0, 0, 0]
+
+    def token_loss(p, h, kt, vt):
+        y = head_norm(inner(p, kt, cd), h)
+        return 0.5 * jnp.sum((y - (vt.astype(jnp.float32) - kt.astype(jnp.float32))) ** 2)
+
+    def one_head(p, h, qc, kc, vc, ec):  # p: one sample-head's weights; qc: [C, D]
+        grads = jax.vmap(jax.grad(token_loss), in_axes=(None, None, 0, 0))(p, h, kc, vc)
+        steps = jax.tree.map(lambda g: jnp.cumsum(ec.reshape(-1, *[1] * (g.ndim - 1)) * g, 0), grads)
+        w_i = jax.tree.map(lambda w, s: w - ts.reshape(-1, *[1] * (s.ndim - 1)) * s, p, steps)
+        out = jax.vmap(lambda w, x: head_norm(inner(w, x, cd), h))(w_i, qc)
+        return qc.astype(jnp.float32) + out, jax.tree.map(lambda w: w[-1], w_i)
+
+    heads = jnp.arange(q.shape[2])
+    per_head = jax.vmap(one_head, in_axes=(0, 0, 0, 0, 0, 0))
+    per_sample = jax.vmap(per_head, in_axes=(0, None, 0, 0, 0, 0))
+
+    def step(s, xs):
+        qc, kc, vc, ec = xs
+        weights = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+        out, new = per_sample(weights, heads, qc, kc, vc, ec.astype(jnp.float32))
+        return state_cls(**{n: x.astype(state_dtype) for n, x in new.items()}), out
+
+    out, state = run_mini_batches(
+        step, state, q, k, v, eta, mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group, remat_policy=remat_policy, unroll=unroll,
+    )
+    return out.astype(q.dtype), state
+
+
+def ttt_linear_primal(q, k, v, eta, *, W1, b1, ln_scale, ln_bias, mini_batch_size=16,
+                      token_scale=None, initial_state=None, checkpoint_group=None,
+                      remat_policy=None, state_dtype=jnp.float32, unroll=1):
+    """Primal-form twin of `ttt_linear` (same arguments and results, materialised `W_i`)."""
+    # The dual-form op owns the argument checks; running them here keeps the twins in step.
+    jax.eval_shape(lambda: ttt_linear(
+        q, k, v, eta, W1=W1, b1=b1, ln_scale=ln_scale, ln_bias=ln_bias,
+        mini_batch_size=mini_batch_size, token_scale=token_scale, initial_state=initial_state,
+        checkpoint_group=checkpoint_group, remat_policy=remat_policy))
+    return _primal(_linear_inner, TTTLinearState, q, k, v, eta, {"W1": W1, "b1": b1},
+                   ln_scale, ln_bias, mini_batch_size, token_scale, initial_state,
+                   checkpoint_group, remat_policy, state_dtype, unroll)
+
+
+def ttt_mlp_primal(q, k, v, eta, *, W1, b1, W2, b2, ln_scale, ln_bias, mini_batch_size=16,
+                   token_scale=None, initial_state=None, checkpoint_group=None,
+                   remat_policy=None, state_dtype=jnp.float32, unroll=1):
+    """Primal-form twin of `ttt_mlp` (same arguments and results, materialised `W_i`)."""
+    jax.eval_shape(lambda: ttt_mlp(
+        q, k, v, eta, W1=W1, b1=b1, W2=W2, b2=b2, ln_scale=ln_scale, ln_bias=ln_bias,
+        mini_batch_size=mini_batch_size, token_scale=token_scale, initial_state=initial_state,
+        checkpoint_group=checkpoint_group, remat_policy=remat_policy))
+    return _primal(_mlp_inner, TTTMLPState, q, k, v, eta,
+                   {"W1": W1, "b1": b1, "W2": W2, "b2": b2}, ln_scale, ln_bias,
+                   mini_batch_size, token_scale, initial_state, checkpoint_group,
+                   remat_policy, state_dtype, unroll)
