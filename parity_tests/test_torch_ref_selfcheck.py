@@ -26,26 +26,36 @@ def _inputs(B, T, H, D, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=DTYPE) for _ in range(3))
     eta = 0.5 * torch.rand(B, T, H, generator=g, dtype=DTYPE)
-    ln = dict(ln_scale=1.0 + 0.1 * torch.randn(H, D, generator=g, dtype=DTYPE),
-              ln_bias=0.1 * torch.randn(H, D, generator=g, dtype=DTYPE))
+    ln = dict(
+        ln_scale=1.0 + 0.1 * torch.randn(H, D, generator=g, dtype=DTYPE),
+        ln_bias=0.1 * torch.randn(H, D, generator=g, dtype=DTYPE),
+    )
     return q, k, v, eta, ln, g
 
 
 def _linear_params(H, D, g):
-    return dict(W1=0.3 * torch.randn(H, D, D, generator=g, dtype=DTYPE),
-                b1=0.1 * torch.randn(H, D, generator=g, dtype=DTYPE))
+    return dict(
+        W1=0.3 * torch.randn(H, D, D, generator=g, dtype=DTYPE),
+        b1=0.1 * torch.randn(H, D, generator=g, dtype=DTYPE),
+    )
 
 
 def _mlp_params(H, D, g):
-    return dict(W1=0.3 * torch.randn(H, D, 4 * D, generator=g, dtype=DTYPE),
-                b1=0.1 * torch.randn(H, 4 * D, generator=g, dtype=DTYPE),
-                W2=0.3 * torch.randn(H, 4 * D, D, generator=g, dtype=DTYPE),
-                b2=0.1 * torch.randn(H, D, generator=g, dtype=DTYPE))
+    return dict(
+        W1=0.3 * torch.randn(H, D, 4 * D, generator=g, dtype=DTYPE),
+        b1=0.1 * torch.randn(H, 4 * D, generator=g, dtype=DTYPE),
+        W2=0.3 * torch.randn(H, 4 * D, D, generator=g, dtype=DTYPE),
+        b2=0.1 * torch.randn(H, D, generator=g, dtype=DTYPE),
+    )
 
 
 def _random_state(cls, params, B, g):
-    return cls(**{n: p.unsqueeze(0) + 0.1 * torch.randn(B, *p.shape, generator=g, dtype=DTYPE)
-                  for n, p in params.items()})
+    return cls(
+        **{
+            n: p.unsqueeze(0) + 0.1 * torch.randn(B, *p.shape, generator=g, dtype=DTYPE)
+            for n, p in params.items()
+        }
+    )
 
 
 OPS = {
@@ -86,13 +96,17 @@ def _hand_ttt_linear(q, k, v, eta, W1, b1, ln_scale, ln_bias, C, token_scale):
             s, c = ln_scale[h], ln_bias[h]
             for start in range(0, T, C):
                 n = min(C, T - start)
-                grads = [_linear_token_grad(W, bias, k[b, start + j, h], v[b, start + j, h], s, c)
-                         for j in range(n)]
+                grads = [
+                    _linear_token_grad(W, bias, k[b, start + j, h], v[b, start + j, h], s, c)
+                    for j in range(n)
+                ]
                 for i in range(n):
-                    W_i = W - token_scale[i] * sum(eta[b, start + j, h] * grads[j][0]
-                                                   for j in range(i + 1))
-                    b_i = bias - token_scale[i] * sum(eta[b, start + j, h] * grads[j][1]
-                                                      for j in range(i + 1))
+                    W_i = W - token_scale[i] * sum(
+                        eta[b, start + j, h] * grads[j][0] for j in range(i + 1)
+                    )
+                    b_i = bias - token_scale[i] * sum(
+                        eta[b, start + j, h] * grads[j][1] for j in range(i + 1)
+                    )
                     x = q[b, start + i, h]
                     o[b, start + i, h] = x + _ln(x @ W_i + b_i, s, c)
                 if n == C:
@@ -109,8 +123,9 @@ def _online_gd_linear(q, k, v, eta, W1, b1, ln_scale, ln_bias):
         for h in range(H):
             W, bias = W1[h], b1[h]
             for t in range(T):
-                gW, gb = _linear_token_grad(W, bias, k[b, t, h], v[b, t, h],
-                                            ln_scale[h], ln_bias[h])
+                gW, gb = _linear_token_grad(
+                    W, bias, k[b, t, h], v[b, t, h], ln_scale[h], ln_bias[h]
+                )
                 W, bias = W - eta[b, t, h] * gW, bias - eta[b, t, h] * gb
                 o[b, t, h] = q[b, t, h] + _ln(q[b, t, h] @ W + bias, ln_scale[h], ln_bias[h])
     return o
@@ -122,8 +137,12 @@ def _online_gd_mlp(q, k, v, eta, W1, b1, W2, b2, ln_scale, ln_bias):
     o = torch.zeros_like(q)
     for b in range(B):
         for h in range(H):
-            w = [W1[h].clone().requires_grad_(), b1[h].clone().requires_grad_(),
-                 W2[h].clone().requires_grad_(), b2[h].clone().requires_grad_()]
+            w = [
+                W1[h].clone().requires_grad_(),
+                b1[h].clone().requires_grad_(),
+                W2[h].clone().requires_grad_(),
+                b2[h].clone().requires_grad_(),
+            ]
 
             def f(x, w=w):
                 return gelu_tanh(x @ w[0] + w[1]) @ w[2] + w[3]
@@ -133,7 +152,7 @@ def _online_gd_mlp(q, k, v, eta, W1, b1, W2, b2, ln_scale, ln_bias):
                 loss = 0.5 * ((_ln(f(kt), ln_scale[h], ln_bias[h]) - (vt - kt)) ** 2).sum()
                 grads = torch.autograd.grad(loss, w)
                 with torch.no_grad():
-                    for p, gp in zip(w, grads):
+                    for p, gp in zip(w, grads, strict=True):
                         p -= eta[b, t, h] * gp
                     o[b, t, h] = qt + _ln(f(qt), ln_scale[h], ln_bias[h])
     return o
@@ -148,8 +167,9 @@ def test_linear_c1_is_online_gradient_descent():
     q, k, v, eta, ln, g = _inputs(B=2, T=5, H=2, D=4)
     params = _linear_params(2, 4, g)
     o, _ = ttt_linear(q, k, v, eta, **params, **ln, mini_batch_size=1)
-    expected = _online_gd_linear(q, k, v, eta, params["W1"], params["b1"],
-                                 ln["ln_scale"], ln["ln_bias"])
+    expected = _online_gd_linear(
+        q, k, v, eta, params["W1"], params["b1"], ln["ln_scale"], ln["ln_bias"]
+    )
     torch.testing.assert_close(o, expected, atol=ATOL, rtol=0)
 
 
@@ -168,10 +188,10 @@ def test_linear_mini_batch_rule_matches_hand_loop():
     q, k, v, eta, ln, g = _inputs(B=2, T=2 * C + 2, H=2, D=4)
     params = _linear_params(2, 4, g)
     token_scale = torch.rand(C, generator=g, dtype=DTYPE)
-    o, state = ttt_linear(q, k, v, eta, **params, **ln, mini_batch_size=C,
-                          token_scale=token_scale)
-    o_ref, W_ref, b_ref = _hand_ttt_linear(q, k, v, eta, params["W1"], params["b1"],
-                                           ln["ln_scale"], ln["ln_bias"], C, token_scale)
+    o, state = ttt_linear(q, k, v, eta, **params, **ln, mini_batch_size=C, token_scale=token_scale)
+    o_ref, W_ref, b_ref = _hand_ttt_linear(
+        q, k, v, eta, params["W1"], params["b1"], ln["ln_scale"], ln["ln_bias"], C, token_scale
+    )
     torch.testing.assert_close(o, o_ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(state.W1, W_ref, atol=ATOL, rtol=0)
     torch.testing.assert_close(state.b1, b_ref, atol=ATOL, rtol=0)
@@ -213,8 +233,9 @@ def test_partial_trailing_mini_batch(inner):
     _, s_complete = prefix(2 * C)
     torch.testing.assert_close(o_partial, o_long[:, : 2 * C + r], atol=ATOL, rtol=0)
     for name in vars(s_complete):
-        torch.testing.assert_close(getattr(s_partial, name), getattr(s_complete, name),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            getattr(s_partial, name), getattr(s_complete, name), atol=ATOL, rtol=0
+        )
 
 
 def test_gradcheck_linear():
@@ -223,24 +244,58 @@ def test_gradcheck_linear():
     params = _linear_params(H, D, g)
     s0 = _random_state(TTTLinearState, params, B, g)
     token_scale = torch.rand(C, generator=g, dtype=DTYPE)
-    leaves = [t.clone().requires_grad_() for t in
-              (q, k, v, eta, ln["ln_scale"], ln["ln_bias"], token_scale,
-               params["W1"], params["b1"], s0.W1, s0.b1)]
+    leaves = [
+        t.clone().requires_grad_()
+        for t in (
+            q,
+            k,
+            v,
+            eta,
+            ln["ln_scale"],
+            ln["ln_bias"],
+            token_scale,
+            params["W1"],
+            params["b1"],
+            s0.W1,
+            s0.b1,
+        )
+    ]
 
     def from_params(q, k, v, eta, ln_scale, ln_bias, token_scale, W1, b1, *_):
-        o, s = ttt_linear(q, k, v, eta, W1=W1, b1=b1, ln_scale=ln_scale, ln_bias=ln_bias,
-                          mini_batch_size=C, token_scale=token_scale)
+        o, s = ttt_linear(
+            q,
+            k,
+            v,
+            eta,
+            W1=W1,
+            b1=b1,
+            ln_scale=ln_scale,
+            ln_bias=ln_bias,
+            mini_batch_size=C,
+            token_scale=token_scale,
+        )
         return o, s.W1, s.b1
 
     def from_state(q, k, v, eta, ln_scale, ln_bias, token_scale, W1, b1, sW1, sb1):
-        o, s = ttt_linear(q, k, v, eta, W1=W1, b1=b1, ln_scale=ln_scale, ln_bias=ln_bias,
-                          mini_batch_size=C, token_scale=token_scale,
-                          initial_state=TTTLinearState(sW1, sb1))
+        o, s = ttt_linear(
+            q,
+            k,
+            v,
+            eta,
+            W1=W1,
+            b1=b1,
+            ln_scale=ln_scale,
+            ln_bias=ln_bias,
+            mini_batch_size=C,
+            token_scale=token_scale,
+            initial_state=TTTLinearState(sW1, sb1),
+        )
         return o, s.W1, s.b1
 
     assert torch.autograd.gradcheck(from_params, leaves[:9])
-    assert torch.autograd.gradcheck(from_state, leaves[:7] + [leaves[7].detach(),
-                                                               leaves[8].detach()] + leaves[9:])
+    assert torch.autograd.gradcheck(
+        from_state, leaves[:7] + [leaves[7].detach(), leaves[8].detach()] + leaves[9:]
+    )
 
 
 def test_no_grad_and_dtype():
@@ -257,8 +312,9 @@ def test_no_grad_and_dtype():
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 def test_layer_is_causal_and_reaches_every_parameter(inner, backbone):
-    cfg = TTTLayerConfigRef(d_model=8, num_heads=2, inner=inner, backbone=backbone,
-                            mini_batch_size=3)
+    cfg = TTTLayerConfigRef(
+        d_model=8, num_heads=2, inner=inner, backbone=backbone, mini_batch_size=3
+    )
     layer = TTTLayerRef(cfg, generator=torch.Generator().manual_seed(0)).double()
     with torch.no_grad():  # non-trivial values everywhere, so no gradient is zero by accident
         for p in layer.parameters():

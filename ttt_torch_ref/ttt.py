@@ -164,18 +164,20 @@ def _mini_batch(
         last_weights: W_{n-1}, each [B, H, ...].
     """
     n = q.shape[2]
-    grads = [_inner_loss_grads(model, ln, weights, k[:, :, j : j + 1], v[:, :, j : j + 1])
-             for j in range(n)]
+    grads = [
+        _inner_loss_grads(model, ln, weights, k[:, :, j : j + 1], v[:, :, j : j + 1])
+        for j in range(n)
+    ]
     outputs = []
     for i in range(n):
-        weights_i = tuple(
-            w - token_scale[i] * sum(_per_sample(eta[:, :, j], w) * grads[j][p]
-                                     for j in range(i + 1))
-            for p, w in enumerate(weights)
-        )
+        # W_i = W - token_scale[i] * sum_{j <= i} eta[j] * grad l_j(W), for each weight tensor.
+        weights_i = []
+        for p, w in enumerate(weights):
+            step = sum(_per_sample(eta[:, :, j], w) * grads[j][p] for j in range(i + 1))
+            weights_i.append(w - token_scale[i] * step)
         q_i = q[:, :, i : i + 1]
         outputs.append(q_i + ln(model(weights_i, q_i)))
-    return torch.cat(outputs, dim=2), weights_i
+    return torch.cat(outputs, dim=2), tuple(weights_i)
 
 
 def _ttt_primal(
@@ -206,8 +208,15 @@ def _ttt_primal(
     for start in range(0, T, mini_batch_size):
         stop = min(start + mini_batch_size, T)
         out, last_weights = _mini_batch(
-            model, ln, weights, q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
-            eta[:, :, start:stop], token_scale[: stop - start])
+            model,
+            ln,
+            weights,
+            q[:, :, start:stop],
+            k[:, :, start:stop],
+            v[:, :, start:stop],
+            eta[:, :, start:stop],
+            token_scale[: stop - start],
+        )
         outputs.append(out)
         # A trailing partial mini-batch is read but never written back into the state.
         if stop - start == mini_batch_size:
@@ -261,12 +270,15 @@ def _run(
     _check_shape("token_scale", token_scale, (C,))
 
     if initial_state is None:
-        weights = [params[name].to(dtype).unsqueeze(0).expand(B, *params[name].shape)
-                   for name in param_names]
+        weights = [
+            params[name].to(dtype).unsqueeze(0).expand(B, *params[name].shape).clone()
+            for name in param_names
+        ]
     else:
         for name in param_names:
-            _check_shape(f"initial_state.{name}", getattr(initial_state, name),
-                         (B, *params[name].shape))
+            _check_shape(
+                f"initial_state.{name}", getattr(initial_state, name), (B, *params[name].shape)
+            )
         weights = [getattr(initial_state, name).to(dtype) for name in param_names]
 
     inputs = (q, k, v, eta, ln_scale, ln_bias, token_scale, *weights)
@@ -275,11 +287,13 @@ def _run(
     with torch.enable_grad():
         # autograd.grad needs start weights that require grad; a fresh leaf cuts no graph when
         # nothing upstream requires grad.
-        weights = tuple(w if w.requires_grad else w.detach().clone().requires_grad_()
-                        for w in weights)
+        weights = tuple(
+            w if w.requires_grad else w.detach().clone().requires_grad_() for w in weights
+        )
         to_bht = [x.to(dtype).transpose(1, 2) for x in (q, k, v, eta)]  # [B, H, T, ...]
-        out, final = _ttt_primal(model, weights, *to_bht, ln_scale.to(dtype),
-                                 ln_bias.to(dtype), C, token_scale.to(dtype))
+        out, final = _ttt_primal(
+            model, weights, *to_bht, ln_scale.to(dtype), ln_bias.to(dtype), C, token_scale.to(dtype)
+        )
     out = out.transpose(1, 2).to(q.dtype)
     if not needs_graph:  # then the graph built for the inner gradients is of no use outside
         out, final = out.detach(), tuple(w.detach() for w in final)
@@ -330,8 +344,20 @@ def ttt_linear(
     _check_shape("W1", W1, (H, D, D))
     _check_shape("b1", b1, (H, D))
     names = ("W1", "b1")
-    o, final = _run(linear_model, names, {"W1": W1, "b1": b1}, q, k, v, eta, ln_scale,
-                    ln_bias, mini_batch_size, token_scale, initial_state)
+    o, final = _run(
+        linear_model,
+        names,
+        {"W1": W1, "b1": b1},
+        q,
+        k,
+        v,
+        eta,
+        ln_scale,
+        ln_bias,
+        mini_batch_size,
+        token_scale,
+        initial_state,
+    )
     return o, TTTLinearState(*final)
 
 
@@ -381,6 +407,18 @@ def ttt_mlp(
     _check_shape("b2", b2, (H, D))
     names = ("W1", "b1", "W2", "b2")
     params = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
-    o, final = _run(mlp_model, names, params, q, k, v, eta, ln_scale, ln_bias,
-                    mini_batch_size, token_scale, initial_state)
+    o, final = _run(
+        mlp_model,
+        names,
+        params,
+        q,
+        k,
+        v,
+        eta,
+        ln_scale,
+        ln_bias,
+        mini_batch_size,
+        token_scale,
+        initial_state,
+    )
     return o, TTTMLPState(*final)

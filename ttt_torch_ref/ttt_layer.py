@@ -48,8 +48,9 @@ class TTTLayerConfigRef:
             raise ValueError(f"num_heads must be >= 1, got {self.num_heads}")
         if self.head_dim is None:
             if self.d_model % self.num_heads:
-                raise ValueError(f"d_model={self.d_model} must be divisible by "
-                                 f"num_heads={self.num_heads}")
+                raise ValueError(
+                    f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+                )
             object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
@@ -166,8 +167,10 @@ class TTTLayerRef(nn.Module):
         """q, k before RoPE, each [B, T, H*D]."""
         if self.config.backbone == "mamba":
             xqk = x @ self.W_qk
-            return (causal_conv(xqk, self.conv_q_w, self.conv_q_b),
-                    causal_conv(xqk, self.conv_k_w, self.conv_k_b))
+            return (
+                causal_conv(xqk, self.conv_q_w, self.conv_q_b),
+                causal_conv(xqk, self.conv_k_w, self.conv_k_b),
+            )
         return x @ self.W_q, x @ self.W_k
 
     def forward(
@@ -200,18 +203,29 @@ class TTTLayerRef(nn.Module):
         positions = (position_offset + torch.arange(T)) % C
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
 
-        common = dict(ln_scale=self.ttt_norm_scale, ln_bias=self.ttt_norm_bias,
-                      mini_batch_size=C, token_scale=self.token_scale(),
-                      initial_state=initial_state)
+        common = dict(
+            ln_scale=self.ttt_norm_scale,
+            ln_bias=self.ttt_norm_bias,
+            mini_batch_size=C,
+            token_scale=self.token_scale(),
+            initial_state=initial_state,
+        )
         if cfg.inner == "linear":
-            o, state = ttt_linear(q, k, v, self.learning_rate(x), W1=self.W1, b1=self.b1,
-                                  **common)
+            o, state = ttt_linear(q, k, v, self.learning_rate(x), W1=self.W1, b1=self.b1, **common)
         else:
-            o, state = ttt_mlp(q, k, v, self.learning_rate(x), W1=self.W1, b1=self.b1,
-                               W2=self.W2, b2=self.b2, **common)
+            o, state = ttt_mlp(
+                q,
+                k,
+                v,
+                self.learning_rate(x),
+                W1=self.W1,
+                b1=self.b1,
+                W2=self.W2,
+                b2=self.b2,
+                **common,
+            )
 
         o = layer_norm(o.reshape(B, T, H * D), self.post_norm_scale, self.post_norm_bias)
         if cfg.backbone == "mamba":
             o = gelu_tanh(x @ self.W_g) * o
         return o @ self.W_o, state
-

@@ -1,0 +1,175 @@
+"""A pre-norm decoder block whose MLP is an NPT MLP modulated by the block's attention output.
+
+    o_t = Attn(RMSNorm(x))_t                     (causal, RoPE)
+    h   = x + o            if attn_residual      (the first NPT design)
+        = x                otherwise             (attention only drives the modulation)
+    out = h + NPTMLP(RMSNorm(h), a=o)
+
+With `attn_residual=False` the attention output never enters the residual stream; it reaches
+the loss only through the per-token weight delta of the MLP's gate projection.
+
+The causal attention helper below is local to this file until the project has a shared one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.layers.common import FP32, MixedPrecision, normal, ones, param, rms_norm
+from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
+from ttt_jax.ops.checks import check_shapes
+from ttt_jax.ops.rope import rope
+
+
+@dataclasses.dataclass(frozen=True)
+class NPTBlockConfig:
+    """Shape of an NPT block.
+
+    Attributes:
+      num_heads: H, attention heads.
+      head_dim: Dh, attention head width (even, for RoPE).
+      mlp: the NPT MLP; its `d_model` is the block width and its modulating signal is the
+        attention output, so `mlp.d_mod` must be None or `d_model`.
+      attn_residual: add the attention output to the residual stream (True) or use it only
+        to modulate the MLP (False).
+      rope_theta: RoPE base.
+      norm_eps: RMSNorm epsilon.
+    """
+
+    num_heads: int
+    head_dim: int
+    mlp: NPTMLPConfig
+    attn_residual: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for field in ("num_heads", "head_dim"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"NPTBlockConfig.{field} must be a positive int, got {value!r}")
+        if self.head_dim % 2:
+            raise ValueError(f"NPTBlockConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if not isinstance(self.mlp, NPTMLPConfig):
+            raise ValueError(f"NPTBlockConfig.mlp must be an NPTMLPConfig, got {self.mlp!r}")
+        if self.mlp.mod_width != self.mlp.d_model:
+            raise ValueError(
+                f"NPTBlockConfig.mlp.d_mod={self.mlp.d_mod} must be None or "
+                f"d_model={self.mlp.d_model}: the modulating signal is the attention output"
+            )
+        if not isinstance(self.attn_residual, bool):
+            raise ValueError(
+                f"NPTBlockConfig.attn_residual must be a bool, got {self.attn_residual!r}"
+            )
+        if not self.attn_residual and self.mlp.modulation == "none":
+            raise ValueError(
+                "NPTBlockConfig.attn_residual=False with mlp.modulation='none' leaves the "
+                "attention unused; pick a modulation or attn_residual=True"
+            )
+        for field in ("rope_theta", "norm_eps"):
+            value = getattr(self, field)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"NPTBlockConfig.{field} must be a finite number > 0, got {value!r}")
+
+    @property
+    def d_model(self) -> int:
+        return self.mlp.d_model
+
+
+def causal_attention(
+    x: jax.Array,
+    w_q: jax.Array,
+    w_k: jax.Array,
+    w_v: jax.Array,
+    w_o: jax.Array,
+    positions: jax.Array,
+    rope_theta: float,
+    compute_dtype,
+) -> jax.Array:
+    """Causal multi-head self-attention with RoPE on q and k.
+
+    Args:
+      x: `[B, S, d]` normalised input.
+      w_q, w_k, w_v: `[d, H, Dh]` projections.
+      w_o: `[H, Dh, d]` output projection.
+      positions: `[S]` or `[B, S]` RoPE positions.
+      rope_theta: RoPE base.
+      compute_dtype: dtype of the matmuls (fp32 accumulation).
+
+    Returns:
+      `[B, S, d]` in the compute dtype.
+    """
+    cd = compute_dtype
+    x = x.astype(cd)
+
+    def proj(w):
+        return jnp.einsum(
+            "bsd,dhe->bshe", x, w.astype(cd), preferred_element_type=jnp.float32
+        ).astype(cd)
+
+    q = rope(proj(w_q), positions, rope_theta)
+    k = rope(proj(w_k), positions, rope_theta)
+    o = jax.nn.dot_product_attention(q, k, proj(w_v), is_causal=True)
+    return jnp.einsum(
+        "bshe,hed->bsd", o.astype(cd), w_o.astype(cd), preferred_element_type=jnp.float32
+    ).astype(cd)
+
+
+class NPTBlock(nnx.Module):
+    """Pre-norm block: RMSNorm, causal RoPE attention, RMSNorm, NPT MLP (module docstring).
+
+    Parameters (logical axes): `attn_norm, mlp_norm: [d]` (embed), `w_q, w_k, w_v:
+    [d, H, Dh]` (embed, heads, head_dim), `w_o: [H, Dh, d]` (heads, head_dim, embed), and the
+    MLP's (`NPTMLP`). Norm scales and the residual stream keep the dtype of x; attention and
+    MLP run in the compute dtype.
+    """
+
+    def __init__(
+        self, config: NPTBlockConfig, *, precision: MixedPrecision = FP32, rngs: nnx.Rngs
+    ):
+        self.config = config
+        self.precision = precision
+        d, h, e, pd = config.d_model, config.num_heads, config.head_dim, precision.param_dtype
+        self.attn_norm = param(rngs, ones, (d,), ("embed",), pd)
+        self.mlp_norm = param(rngs, ones, (d,), ("embed",), pd)
+        qkv_axes = ("embed", "heads", "head_dim")
+        self.w_q = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
+        self.w_k = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
+        self.w_v = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
+        self.w_o = param(rngs, normal((h * e) ** -0.5), (h, e, d), ("heads", "head_dim", "embed"), pd)
+        self.mlp = NPTMLP(config.mlp, precision=precision, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Applies the block.
+
+        Args:
+          x: `[B, S, d]` residual stream.
+          positions: `[S]` or `[B, S]` RoPE positions; default `0..S-1`.
+
+        Returns:
+          `[B, S, d]` in the dtype of x, and the MLP's auxiliary loss (fp32 scalar).
+        """
+        c, cd = self.config, self.precision.compute_dtype
+        dims = check_shapes([("x", x, ("B", "S", c.d_model))])
+        if positions is None:
+            positions = jnp.arange(dims["S"])
+        else:
+            check_shapes([("x", x, ("B", "S", "d"))] + (
+                [("positions", positions, ("S",))] if jnp.ndim(positions) == 1
+                else [("positions", positions, ("B", "S"))]
+            ))
+        o = causal_attention(
+            rms_norm(x, self.attn_norm[...], c.norm_eps),
+            self.w_q[...], self.w_k[...], self.w_v[...], self.w_o[...],
+            positions, c.rope_theta, cd,
+        )
+        h = x + o.astype(x.dtype) if c.attn_residual else x
+        y, aux = self.mlp(rms_norm(h, self.mlp_norm[...], c.norm_eps), o)
+        return h + y.astype(x.dtype), aux

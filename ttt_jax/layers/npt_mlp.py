@@ -1,0 +1,185 @@
+"""NPT MLP: a SwiGLU MLP whose gate projection is modulated per token (SPEC 3.4).
+
+    gate_t = x_t (W_gate + Delta W_t),   y_t = (silu(gate_t) * (x_t W_up)) W_down
+
+`Delta W_t` is generated from a modulating signal `a_t` (by default the attention output of the
+same block, passed in by the caller) and is never formed (`ttt_jax.ops.npt`):
+
+- `modulation="low_rank"`: `Delta W_t = A diag(m_t) B` with `m_t = s * tanh(a_t A_m)`, rank r.
+- `modulation="rank_k"`: a generator `r_t = a_t W_gen` (`[r]`), `u_t = r_t W_u` (`[k, d]`),
+  `w_t = r_t W_w` (`[k, F]`), and `Delta W_t = sum_k u_{t,k}^T w_{t,k}`.
+- `modulation="none"`: the plain SwiGLU MLP with the same parameters minus the modulation,
+  the baseline that memory tests and benchmarks compare with.
+
+Regulariser (optional, `reg_lambda > 0`), returned as the layer's auxiliary loss, in fp32:
+
+    aux = reg_lambda * mean_{b, s} [ sum_{k, i} u_{b,s,k,i}^2 + sum_{k, j} w_{b,s,k,j}^2 ]
+
+i.e. the squared norms are summed over the k vectors and their features and averaged over the
+B * S tokens (not over features, so it does not shrink as d or F grow). The low-rank mode is
+the rank-k form with `k = r`, `u_{t,i} = m_{t,i} A[:, i]` and `w_{t,i} = B[i, :]`, so there
+`aux = reg_lambda * (mean_t sum_i m_{t,i}^2 ||A[:, i]||^2 + ||B||_F^2)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ttt_jax.layers.common import FP32, MixedPrecision, dense, normal, param
+from ttt_jax.ops.checks import check_shapes
+from ttt_jax.ops.npt import npt_modulated_linear, npt_rank_k_linear
+
+MODULATIONS = ("low_rank", "rank_k", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class NPTMLPConfig:
+    """Shape and modulation of an NPT MLP.
+
+    Attributes:
+      d_model: d, width of the MLP input and output.
+      d_ff: F, hidden width of the gated MLP.
+      d_mod: width of the modulating signal `a`; None means d_model (the attention output).
+      modulation: `low_rank`, `rank_k` or `none` (module docstring).
+      rank: r, rank of `A diag(m_t) B` (low_rank) or width of the generator bottleneck r_t
+        (rank_k).
+      k: number of per-token vector pairs `(u_{t,k}, w_{t,k})` (rank_k only).
+      mod_scale: s in `m_t = s * tanh(a_t A_m)` (low_rank only).
+      reg_lambda: weight of the auxiliary regulariser (0 turns it off).
+    """
+
+    d_model: int
+    d_ff: int
+    d_mod: int | None = None
+    modulation: str = "low_rank"
+    rank: int = 16
+    k: int = 1
+    mod_scale: float = 0.1
+    reg_lambda: float = 0.0
+
+    def __post_init__(self):
+        for field in ("d_model", "d_ff", "rank", "k"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"NPTMLPConfig.{field} must be a positive int, got {value!r}")
+        if self.d_mod is not None and (
+            isinstance(self.d_mod, bool) or not isinstance(self.d_mod, int) or self.d_mod <= 0
+        ):
+            raise ValueError(
+                f"NPTMLPConfig.d_mod must be None or a positive int, got {self.d_mod!r}"
+            )
+        if self.modulation not in MODULATIONS:
+            raise ValueError(
+                f"NPTMLPConfig.modulation={self.modulation!r} is not one of {MODULATIONS}"
+            )
+        for field in ("mod_scale", "reg_lambda"):
+            value = getattr(self, field)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"NPTMLPConfig.{field} must be a finite number >= 0, got {value!r}"
+                )
+
+    @property
+    def mod_width(self) -> int:
+        return self.d_model if self.d_mod is None else self.d_mod
+
+
+class NPTMLP(nnx.Module):
+    """SwiGLU MLP with a per-token modulated gate projection.
+
+    Parameters (logical axes): `w_gate, w_up: [d, F]` (embed, mlp), `w_down: [F, d]`
+    (mlp, embed); low_rank adds `A: [d, r]` (embed, rank), `B: [r, F]` (rank, mlp),
+    `A_m: [d_mod, r]` (embed, rank); rank_k adds `W_gen: [d_mod, r]` (embed, rank),
+    `W_u: [r, k, d]` (rank, -, embed), `W_w: [r, k, F]` (rank, -, mlp). The k axis is left
+    unnamed (replicated): it is small and not worth a mesh axis.
+
+    Init: dense weights `N(0, 1/fan_in)`. Low rank as in the source design: `A` and `A_m`
+    `N(0, (0.01/sqrt(d))^2)`, `B` `N(0, (0.01/sqrt(r))^2)`. Rank k: `W_gen` `N(0, 1/d_mod)`
+    so r_t is O(1), then `W_u` `N(0, (0.01/sqrt(r d))^2)` and `W_w` `N(0, (0.01/sqrt(r k))^2)`
+    so that each `u_{t,k}` has the per-entry scale of a column of A and the sum over k of
+    `w_{t,k}` that of a row of B: the layer starts within ~1e-4 of the plain MLP and still
+    gets gradient.
+    """
+
+    def __init__(
+        self, config: NPTMLPConfig, *, precision: MixedPrecision = FP32, rngs: nnx.Rngs
+    ):
+        self.config = config
+        self.precision = precision
+        c, pd = config, precision.param_dtype
+        d, f, r, dm = c.d_model, c.d_ff, c.rank, c.mod_width
+        self.w_gate = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
+        self.w_up = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
+        self.w_down = param(rngs, normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
+        if c.modulation == "low_rank":
+            self.A = param(rngs, normal(0.01 / math.sqrt(d)), (d, r), ("embed", "rank"), pd)
+            self.B = param(rngs, normal(0.01 / math.sqrt(r)), (r, f), ("rank", "mlp"), pd)
+            self.A_m = param(rngs, normal(0.01 / math.sqrt(d)), (dm, r), ("embed", "rank"), pd)
+        elif c.modulation == "rank_k":
+            k = c.k
+            self.W_gen = param(rngs, normal(dm**-0.5), (dm, r), ("embed", "rank"), pd)
+            self.W_u = param(
+                rngs, normal(0.01 / math.sqrt(r * d)), (r, k, d), ("rank", None, "embed"), pd
+            )
+            self.W_w = param(
+                rngs, normal(0.01 / math.sqrt(r * k)), (r, k, f), ("rank", None, "mlp"), pd
+            )
+
+    def __call__(self, x: jax.Array, a: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Applies the MLP.
+
+        Args:
+          x: `[B, S, d]` MLP input (already normalised by the block).
+          a: `[B, S, d_mod]` modulating signal (the block passes its attention output).
+            Required unless `modulation="none"`, where it is ignored.
+
+        Returns:
+          `y: [B, S, d]` in the compute dtype, and the auxiliary loss, an fp32 scalar
+          (0 when `reg_lambda == 0` or `modulation="none"`).
+        """
+        c, cd = self.config, self.precision.compute_dtype
+        check_shapes([("x", x, ("B", "S", c.d_model))])
+        if c.modulation != "none":
+            if a is None:
+                raise ValueError(f"a (the modulating signal) is required for {c.modulation=}")
+            check_shapes([("x", x, ("B", "S", c.d_model)), ("a", a, ("B", "S", c.mod_width))])
+        x = x.astype(cd)
+        aux = jnp.zeros((), jnp.float32)
+        if c.modulation == "none":
+            gate = dense(x, self.w_gate[...], cd)
+        elif c.modulation == "low_rank":
+            # m is [B, S, r]: fp32 costs nothing and keeps tanh's small outputs exact.
+            m = c.mod_scale * jnp.tanh(
+                jnp.einsum(
+                    "bsi,ir->bsr", a.astype(cd), self.A_m[...].astype(cd),
+                    preferred_element_type=jnp.float32,
+                )
+            )
+            gate = npt_modulated_linear(x, m, W=self.w_gate[...], A=self.A[...], B=self.B[...])
+            if c.reg_lambda:
+                a_sq = jnp.sum(jnp.square(self.A[...].astype(jnp.float32)), axis=0)[None, None]
+                b_sq = jnp.sum(jnp.square(self.B[...].astype(jnp.float32)))
+                aux = c.reg_lambda * (jnp.mean(jnp.sum(m * m * a_sq, -1)) + b_sq)
+        else:
+            r_t = jnp.einsum(
+                "bsi,ir->bsr", a.astype(cd), self.W_gen[...].astype(cd),
+                preferred_element_type=jnp.float32,
+            )
+            # u and w are activations as large as x and gate (per k): store them in the
+            # compute dtype; the regulariser reads the fp32 values before the cast.
+            u = jnp.einsum("bsr,rkd->bskd", r_t.astype(cd), self.W_u[...].astype(cd),
+                           preferred_element_type=jnp.float32)
+            w = jnp.einsum("bsr,rkf->bskf", r_t.astype(cd), self.W_w[...].astype(cd),
+                           preferred_element_type=jnp.float32)
+            if c.reg_lambda:
+                tokens = x.shape[0] * x.shape[1]
+                aux = c.reg_lambda * (jnp.sum(u * u) + jnp.sum(w * w)) / tokens
+            gate = npt_rank_k_linear(x, u.astype(cd), w.astype(cd), W=self.w_gate[...])
+        up = dense(x, self.w_up[...], cd)
+        z = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(cd)
+        return dense(z, self.w_down[...], cd), aux

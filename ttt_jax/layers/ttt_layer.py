@@ -1,0 +1,308 @@
+"""TTT-Linear and TTT-MLP sequence-mixing layers (SPEC 3.1, "Layer around it").
+
+Per token `x_t: [d_model]` (Mamba backbone, the default):
+
+    xqk = x W_qk;  q = conv_q(xqk);  k = conv_k(xqk)      (causal depthwise, width 4)
+    v = x W_v;  q, k <- RoPE(q, k, position mod C)
+    eta = base_lr * sigmoid(x lr_w_h + lr_b_h) / D         per head
+    token_scale_i = max(1/(i+1) + token_offset_i, 0)
+    o = ttt_op(q, k, v, eta)                               per head: q + LN(f_{W_i}(q))
+    y = (gelu(x W_g) * PostLN(o)) W_o
+
+The Transformer backbone takes separate `W_q`, `W_k`, no conv and no gate.
+
+Streaming (`init_cache` / `decode`): the cache carries the fast weights at the last mini-batch
+boundary, the conv's input history, and the projected q/k/v/eta of the unfinished mini-batch.
+Each call re-reads the unfinished mini-batch together with the new tokens (every token of a
+mini-batch needs all earlier tokens' gradients at the mini-batch's start weights), so feeding
+a sequence in pieces of any size, token by token included, gives the outputs of one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ttt_jax.layers.common import (
+    FP32,
+    MixedPrecision,
+    dense,
+    gelu_tanh,
+    layer_norm,
+    normal,
+    ones,
+    param,
+    zeros,
+)
+from ttt_jax.ops.causal_conv import causal_conv
+from ttt_jax.ops.checks import check_choice, check_positive_int
+from ttt_jax.ops.chunked_scan import check_scan_knobs
+from ttt_jax.ops.rope import rope
+from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
+from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTConfig:
+    """Configuration of a TTT layer.
+
+    Attributes:
+      d_model: model width; must equal `num_heads * head_dim`.
+      num_heads: H, TTT heads.
+      inner: "linear" (TTT-Linear) or "mlp" (TTT-MLP, hidden `mlp_ratio * head_dim`).
+      mini_batch_size: C, tokens per inner gradient step.
+      base_lr: inner learning-rate scale; None picks 1.0 (linear) or 0.1 (mlp), as in the paper.
+      backbone: "mamba" (shared q/k projection, causal convs, output gate) or "transformer".
+      rope_theta: RoPE base; positions are taken modulo C.
+      conv_width: taps of the causal q/k convs (mamba backbone).
+      mlp_ratio: hidden width factor of TTT-MLP's inner model.
+      checkpoint_group: inner-scan remat group size (None: no remat).
+      remat_policy: policy name inside a remat group (`ttt_jax.ops.remat`).
+      precision: the mixed-precision policy.
+      unroll: inner scan unroll (speed only).
+    """
+
+    d_model: int
+    num_heads: int
+    inner: str = "linear"
+    mini_batch_size: int = 16
+    base_lr: float | None = None
+    backbone: str = "mamba"
+    rope_theta: float = 10000.0
+    conv_width: int = 4
+    mlp_ratio: int = 4
+    checkpoint_group: int | None = None
+    remat_policy: str | None = None
+    precision: MixedPrecision = FP32
+    unroll: int = 1
+
+    def __post_init__(self):
+        check_positive_int("TTTConfig.d_model", self.d_model)
+        check_positive_int("TTTConfig.num_heads", self.num_heads)
+        check_positive_int("TTTConfig.mini_batch_size", self.mini_batch_size)
+        check_positive_int("TTTConfig.conv_width", self.conv_width)
+        check_positive_int("TTTConfig.mlp_ratio", self.mlp_ratio)
+        check_positive_int("TTTConfig.unroll", self.unroll)
+        check_choice("TTTConfig.inner", self.inner, ("linear", "mlp"))
+        check_choice("TTTConfig.backbone", self.backbone, ("mamba", "transformer"))
+        check_scan_knobs(self.checkpoint_group, self.remat_policy)
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"TTTConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"TTTConfig head_dim={self.head_dim} must be even for RoPE")
+        if self.base_lr is not None and not self.base_lr > 0:
+            raise ValueError(f"TTTConfig.base_lr={self.base_lr} must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def lr_scale(self) -> float:
+        return self.base_lr if self.base_lr is not None else (1.0 if self.inner == "linear" else 0.1)
+
+
+@struct.dataclass
+class TTTCache:
+    """Streaming state of a TTT layer for one batch.
+
+    Attributes:
+      state: fast weights at the last mini-batch boundary (`TTTLinearState` / `TTTMLPState`).
+      conv_history: `[B, conv_width - 1, d_model]` last inputs of the q/k convs (mamba), or
+        `[B, 0, d_model]`.
+      q, k, v: `[B, n, H, D]` projected (conv'd, rotated) tokens of the unfinished mini-batch,
+        `0 <= n < C`.
+      eta: `[B, n, H]` their inner learning rates.
+    """
+
+    state: TTTLinearState | TTTMLPState
+    conv_history: jax.Array
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    eta: jax.Array
+
+
+class TTTLayer(nnx.Module):
+    """A TTT sequence mixer: `[B, T, d_model] -> [B, T, d_model]` (see module docstring)."""
+
+    def __init__(self, config: TTTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c, h, d, w = config, config.num_heads, config.head_dim, config.d_model
+        pd = config.precision.param_dtype
+        std = normal(0.02)
+        if c.backbone == "mamba":
+            self.W_qk = param(rngs, std, (w, h * d), ("embed", "qkv"), pd)
+            conv_init = normal(1.0 / c.conv_width**0.5)
+            self.conv_q_w = param(rngs, conv_init, (c.conv_width, h * d), ("conv", "qkv"), pd)
+            self.conv_q_b = param(rngs, zeros, (h * d,), ("qkv",), pd)
+            self.conv_k_w = param(rngs, conv_init, (c.conv_width, h * d), ("conv", "qkv"), pd)
+            self.conv_k_b = param(rngs, zeros, (h * d,), ("qkv",), pd)
+            self.W_g = param(rngs, std, (w, h * d), ("embed", "qkv"), pd)
+        else:
+            self.W_q = param(rngs, std, (w, h * d), ("embed", "qkv"), pd)
+            self.W_k = param(rngs, std, (w, h * d), ("embed", "qkv"), pd)
+        self.W_v = param(rngs, std, (w, h * d), ("embed", "qkv"), pd)
+        self.W_o = param(rngs, std, (h * d, w), ("qkv", "embed"), pd)
+        self.lr_w = param(rngs, std, (h, w), ("heads", "embed"), pd)
+        self.lr_b = param(rngs, zeros, (h,), ("heads",), pd)
+        self.token_offset = param(rngs, zeros, (c.mini_batch_size,), ("chunk",), pd)
+        self.ttt_norm_scale = param(rngs, ones, (h, d), ("heads", "head_dim"), pd)
+        self.ttt_norm_bias = param(rngs, zeros, (h, d), ("heads", "head_dim"), pd)
+        self.post_norm_scale = param(rngs, ones, (h * d,), ("qkv",), pd)
+        self.post_norm_bias = param(rngs, zeros, (h * d,), ("qkv",), pd)
+        if c.inner == "linear":
+            self.W1 = param(rngs, std, (h, d, d), ("heads", None, None), pd)
+            self.b1 = param(rngs, zeros, (h, d), ("heads", None), pd)
+        else:
+            f = c.mlp_ratio * d
+            self.W1 = param(rngs, std, (h, d, f), ("heads", None, None), pd)
+            self.b1 = param(rngs, zeros, (h, f), ("heads", None), pd)
+            self.W2 = param(rngs, std, (h, f, d), ("heads", None, None), pd)
+            self.b2 = param(rngs, zeros, (h, d), ("heads", None), pd)
+
+    # ----------------------------------------------------------------- public API
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Whole-sequence forward. `x: [B, T, d_model]` -> `[B, T, d_model]` (compute dtype)."""
+        y, _ = self.decode(x, self.init_cache(x.shape[0]))
+        return y
+
+    def init_cache(self, batch_size: int) -> TTTCache:
+        """An empty streaming cache: fast weights at their initial values, nothing pending."""
+        c, b = self.config, batch_size
+        h, d = c.num_heads, c.head_dim
+        sd, cd = c.precision.state_dtype, c.precision.compute_dtype
+        state = jax.tree.map(
+            lambda p: jnp.broadcast_to(p, (b, *p.shape)).astype(sd), self._inner_params()
+        )
+        state = (TTTLinearState if c.inner == "linear" else TTTMLPState)(**state)
+        hist = c.conv_width - 1 if c.backbone == "mamba" else 0
+        return TTTCache(
+            state=state,
+            conv_history=jnp.zeros((b, hist, c.d_model), cd),
+            q=jnp.zeros((b, 0, h, d), cd),
+            k=jnp.zeros((b, 0, h, d), cd),
+            v=jnp.zeros((b, 0, h, d), cd),
+            eta=jnp.zeros((b, 0, h), jnp.float32),
+        )
+
+    def decode(self, x: jax.Array, cache: TTTCache) -> tuple[jax.Array, TTTCache]:
+        """Reads `x: [B, L, d_model]` (any L >= 1) continuing from `cache`.
+
+        Returns:
+          `y: [B, L, d_model]` and the cache after these tokens.
+        """
+        c = self.config
+        cd = c.precision.compute_dtype
+        if x.ndim != 3 or x.shape[-1] != c.d_model:
+            raise ValueError(f"x has shape {x.shape} but expected (B, T, {c.d_model})")
+        x = x.astype(cd)
+        n_pending, length = cache.q.shape[1], x.shape[1]
+        q, k, v, history = self._qkv(x, cache.conv_history)
+        # RoPE positions restart every mini-batch; pending tokens started at a boundary.
+        positions = (n_pending + jnp.arange(length)) % c.mini_batch_size
+        q = rope(q, positions, c.rope_theta)
+        k = rope(k, positions, c.rope_theta)
+        eta = self._eta(x)
+
+        q_all, k_all, v_all, eta_all = (
+            jnp.concatenate([p, n], axis=1)
+            for p, n in ((cache.q, q), (cache.k, k), (cache.v, v), (cache.eta, eta))
+        )
+        o, state = self._ttt(q_all, k_all, v_all, eta_all, cache.state)
+        o = o[:, n_pending:]
+        keep = (n_pending + length) % c.mini_batch_size
+        total = n_pending + length
+        new_cache = TTTCache(
+            state=state,
+            conv_history=history,
+            q=q_all[:, total - keep :],
+            k=k_all[:, total - keep :],
+            v=v_all[:, total - keep :],
+            eta=eta_all[:, total - keep :],
+        )
+        return self._output(x, o), new_cache
+
+    # ----------------------------------------------------------------- pieces
+
+    def _inner_params(self) -> dict[str, jax.Array]:
+        names = ("W1", "b1") if self.config.inner == "linear" else ("W1", "b1", "W2", "b2")
+        return {n: getattr(self, n)[...] for n in names}
+
+    def _qkv(self, x, history):
+        c = self.config
+        cd = c.precision.compute_dtype
+        b, t, _ = x.shape
+        if c.backbone == "mamba":
+            xqk = dense(x, self.W_qk[...], cd)
+            q = causal_conv(xqk, self.conv_q_w[...], self.conv_q_b[...], history)
+            k = causal_conv(xqk, self.conv_k_w[...], self.conv_k_b[...], history)
+            seen = jnp.concatenate([history, xqk], axis=1)
+            history = seen[:, seen.shape[1] - history.shape[1] :]
+        else:
+            q, k = dense(x, self.W_q[...], cd), dense(x, self.W_k[...], cd)
+        v = dense(x, self.W_v[...], cd)
+        shape = (b, t, c.num_heads, c.head_dim)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape), history
+
+    def _eta(self, x):
+        c = self.config
+        logits = jnp.einsum(
+            "btw,hw->bth", x, self.lr_w[...].astype(x.dtype), preferred_element_type=jnp.float32
+        )
+        return c.lr_scale * jax.nn.sigmoid(logits + self.lr_b[...]) / c.head_dim
+
+    def _token_scale(self):
+        c = self.config
+        base = 1.0 / jnp.arange(1, c.mini_batch_size + 1, dtype=jnp.float32)
+        return jnp.maximum(base + self.token_offset[...].astype(jnp.float32), 0.0)
+
+    def _ttt(self, q, k, v, eta, state):
+        c = self.config
+        op = ttt_linear if c.inner == "linear" else ttt_mlp
+        return op(
+            q, k, v, eta,
+            **self._inner_params(),
+            ln_scale=self.ttt_norm_scale[...],
+            ln_bias=self.ttt_norm_bias[...],
+            mini_batch_size=c.mini_batch_size,
+            token_scale=self._token_scale(),
+            initial_state=state,
+            checkpoint_group=c.checkpoint_group,
+            remat_policy=c.remat_policy,
+            state_dtype=c.precision.state_dtype,
+            unroll=c.unroll,
+        )
+
+    def _output(self, x, o):
+        c = self.config
+        cd = c.precision.compute_dtype
+        b, t = o.shape[:2]
+        o = layer_norm(o.reshape(b, t, -1), self.post_norm_scale[...], self.post_norm_bias[...])
+        if c.backbone == "mamba":
+            o = gelu_tanh(dense(x, self.W_g[...], cd).astype(jnp.float32)) * o
+        return dense(o.astype(cd), self.W_o[...], cd)
+
+
+class TTTLinear(TTTLayer):
+    """TTT-Linear layer; `config.inner` must be "linear"."""
+
+    def __init__(self, config: TTTConfig, *, rngs: nnx.Rngs):
+        if config.inner != "linear":
+            raise ValueError(f"TTTLinear needs TTTConfig.inner='linear', got {config.inner!r}")
+        super().__init__(config, rngs=rngs)
+
+
+class TTTMLP(TTTLayer):
+    """TTT-MLP layer; `config.inner` must be "mlp"."""
+
+    def __init__(self, config: TTTConfig, *, rngs: nnx.Rngs):
+        if config.inner != "mlp":
+            raise ValueError(f"TTTMLP needs TTTConfig.inner='mlp', got {config.inner!r}")
+        super().__init__(config, rngs=rngs)

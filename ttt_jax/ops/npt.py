@@ -1,0 +1,89 @@
+"""NPT: a linear map whose weight changes per token by a low-rank delta (SPEC 3.4).
+
+The per-token weight is `W + Delta W_t` with `Delta W_t = A diag(m_t) B` (rank r) or
+`Delta W_t = sum_k u_{t,k}^T w_{t,k}` (rank k, per-token vectors). Forming `Delta W_t` costs
+`B * S * d * F` numbers (~344 GiB in fp32 at B=4, S=512, d=4096, F=11008). Associativity gives
+the same output through rank-sized intermediates only:
+
+    h_t (W + A diag(m_t) B)          = h_t W + ((h_t A) * m_t) B
+    h_t (W + sum_k u_{t,k}^T w_{t,k}) = h_t W + sum_k (h_t . u_{t,k}) w_{t,k}
+
+so the extra activations are `[B, S, r]` (or `[B, S, k]`), and plain autodiff of these lines
+keeps nothing bigger than the dense `h W` would. No custom VJP is needed: every cotangent is a
+dense matmul of the same shapes as the forward.
+
+NPT ops have no state (SPEC 2) and return the output alone.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.ops.checks import check_float, check_shapes
+from ttt_jax.ops.ttt_common import matmul
+
+
+def npt_modulated_linear(
+    h: jax.Array, m: jax.Array, *, W: jax.Array, A: jax.Array, B: jax.Array
+) -> jax.Array:
+    """`y_t = h_t W + ((h_t A) * m_t) B`, i.e. `h_t (W + A diag(m_t) B)` without `Delta W_t`.
+
+    Args:
+      h: `[B, S, d]` inputs; their dtype is the compute dtype of every matmul (bf16 or fp32),
+        accumulation is fp32.
+      m: `[B, S, r]` per-token modulation (`s * tanh(a_t A_m)` in the NPT layer); applied in
+        fp32 to the fp32 rank-r projection `h A`.
+      W: `[d, F]` the static weight.
+      A: `[d, r]` left low-rank factor.
+      B: `[r, F]` right low-rank factor.
+
+    Returns:
+      `y: [B, S, F]` in the dtype of h.
+
+    Raises:
+      ValueError: before tracing, naming the argument whose shape disagrees (rank r between
+        A, B and m; d between h, W and A; F between W and B; B, S between h and m).
+    """
+    check_shapes([
+        ("h", h, ("B", "S", "d")),
+        ("W", W, ("d", "F")),
+        ("A", A, ("d", "r")),
+        ("B", B, ("r", "F")),
+        ("m", m, ("B", "S", "r")),
+    ])
+    check_float(h=h, m=m, W=W, A=A, B=B)
+    cd = h.dtype
+    base = matmul("bsd,df->bsf", h, W, cd)
+    # h A is only r wide: keep it and the modulation in fp32; only the F-wide matmul with B
+    # goes back to the compute dtype, where it runs at the speed of the dense one.
+    low = matmul("bsd,dr->bsr", h, A, cd) * m.astype(jnp.float32)
+    return (base + matmul("bsr,rf->bsf", low, B, cd)).astype(cd)
+
+
+def npt_rank_k_linear(h: jax.Array, u: jax.Array, w: jax.Array, *, W: jax.Array) -> jax.Array:
+    """`y_t = h_t W + sum_k (h_t . u_{t,k}) w_{t,k}` without forming `sum_k u_{t,k}^T w_{t,k}`.
+
+    Args:
+      h: `[B, S, d]` inputs; their dtype is the compute dtype (fp32 accumulation).
+      u: `[B, S, k, d]` per-token left vectors.
+      w: `[B, S, k, F]` per-token right vectors.
+      W: `[d, F]` the static weight.
+
+    Returns:
+      `y: [B, S, F]` in the dtype of h.
+
+    Raises:
+      ValueError: before tracing, naming the argument whose shape disagrees.
+    """
+    check_shapes([
+        ("h", h, ("B", "S", "d")),
+        ("W", W, ("d", "F")),
+        ("u", u, ("B", "S", "k", "d")),
+        ("w", w, ("B", "S", "k", "F")),
+    ])
+    check_float(h=h, u=u, w=w, W=W)
+    cd = h.dtype
+    base = matmul("bsd,df->bsf", h, W, cd)
+    coef = matmul("bsd,bskd->bsk", h, u, cd)  # [B, S, k] fp32, as h A above
+    return (base + matmul("bsk,bskf->bsf", coef, w, cd)).astype(cd)
