@@ -57,11 +57,11 @@ def reference_mlp(p, cfg, x, a):
         w = jnp.einsum("bsr,rkf->bskf", r_t, p["W_w"], precision=HI)
     else:
         u = jnp.zeros((*x.shape[:2], 1, x.shape[-1]))
-        w = jnp.zeros((*x.shape[:2], 1, p["w_gate"].shape[-1]))
-    w_t = p["w_gate"][None, None] + jnp.einsum("bskd,bskf->bsdf", u, w, precision=HI)
+        w = jnp.zeros((*x.shape[:2], 1, p["W_gate"].shape[-1]))
+    w_t = p["W_gate"][None, None] + jnp.einsum("bskd,bskf->bsdf", u, w, precision=HI)
     gate = jnp.einsum("bsd,bsdf->bsf", x, w_t, precision=HI)
-    up = jnp.einsum("bsd,df->bsf", x, p["w_up"], precision=HI)
-    y = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, p["w_down"], precision=HI)
+    up = jnp.einsum("bsd,df->bsf", x, p["W_up"], precision=HI)
+    y = jnp.einsum("bsf,fd->bsd", jax.nn.silu(gate) * up, p["W_down"], precision=HI)
     tokens = x.shape[0] * x.shape[1]
     aux = cfg.reg_lambda * (jnp.sum(u * u) + jnp.sum(w * w)) / tokens
     return y, aux
@@ -69,8 +69,9 @@ def reference_mlp(p, cfg, x, a):
 
 @pytest.mark.parametrize("modulation", ["low_rank", "rank_k", "none"])
 def test_mlp_equals_materialised_reference_values_and_grads(modulation):
-    cfg = NPTMLPConfig(d_model=D, d_ff=F, d_mod=DM, modulation=modulation, rank=R, k=K,
-                       reg_lambda=0.3)
+    cfg = NPTMLPConfig(
+        d_model=D, d_ff=F, d_mod=DM, modulation=modulation, rank=R, k=K, reg_lambda=0.3
+    )
     model = NPTMLP(cfg, rngs=nnx.Rngs(0))
     enlarge(model, 30.0)
     graphdef, state = nnx.split(model, nnx.Param)
@@ -86,10 +87,10 @@ def test_mlp_equals_materialised_reference_values_and_grads(modulation):
         y, aux = reference_mlp(p, cfg, x, a)
         return jnp.sum(y * ct) + aux, (y, aux)
 
-    (_, (y, aux)), g = jax.jit(jax.value_and_grad(loss_fast, (0, 1, 2), has_aux=True))(
-        state, x, a)
+    (_, (y, aux)), g = jax.jit(jax.value_and_grad(loss_fast, (0, 1, 2), has_aux=True))(state, x, a)
     (_, (y_ref, aux_ref)), g_ref = jax.value_and_grad(loss_ref, (0, 1, 2), has_aux=True)(
-        state, x, a)
+        state, x, a
+    )
     assert y.shape == (Bn, S, D) and y.dtype == jnp.float32 and aux.dtype == jnp.float32
     assert rel_err(y, y_ref) <= 1e-5
     if modulation == "none":
@@ -124,8 +125,7 @@ def test_low_rank_with_zero_A_is_the_plain_mlp():
 
 def test_regulariser_normalisation_by_hand():
     """aux = lambda * mean over tokens of (sum_k |u_k|^2 + sum_k |w_k|^2), checked on numbers."""
-    cfg = NPTMLPConfig(d_model=2, d_ff=3, d_mod=1, modulation="rank_k", rank=1, k=1,
-                       reg_lambda=0.5)
+    cfg = NPTMLPConfig(d_model=2, d_ff=3, d_mod=1, modulation="rank_k", rank=1, k=1, reg_lambda=0.5)
     model = NPTMLP(cfg, rngs=nnx.Rngs(0))
     model.W_gen[...] = jnp.ones((1, 1))
     model.W_u[...] = jnp.array([[[1.0, 2.0]]])
@@ -148,21 +148,32 @@ def test_init_scales_and_logical_axes():
     assert float(jnp.std(lr.A[...])) == pytest.approx(0.01 / math.sqrt(d), rel=0.05)
     assert float(jnp.std(lr.A_m[...])) == pytest.approx(0.01 / math.sqrt(d), rel=0.05)
     assert float(jnp.std(lr.B[...])) == pytest.approx(0.01 / math.sqrt(r), rel=0.05)
-    axes = {k: axes_of(v) for k, v in
-            ((".".join(map(str, p)), v) for p, v in nnx.to_flat_state(nnx.state(lr, nnx.Param)))}
-    assert axes == {
-        "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed"),
-        "A": ("embed", "rank"), "B": ("rank", "mlp"), "A_m": ("embed", "rank"),
+    axes = {
+        k: axes_of(v)
+        for k, v in (
+            (".".join(map(str, p)), v) for p, v in nnx.to_flat_state(nnx.state(lr, nnx.Param))
+        )
     }
-    cfg = NPTBlockConfig(num_heads=2, head_dim=4,
-                         mlp=NPTMLPConfig(d_model=D, d_ff=F, modulation="rank_k", rank=R, k=K))
+    assert axes == {
+        "W_gate": ("embed", "mlp"),
+        "W_up": ("embed", "mlp"),
+        "W_down": ("mlp", "embed"),
+        "A": ("embed", "rank"),
+        "B": ("rank", "mlp"),
+        "A_m": ("embed", "rank"),
+    }
+    cfg = NPTBlockConfig(
+        num_heads=2,
+        head_dim=4,
+        mlp=NPTMLPConfig(d_model=D, d_ff=F, modulation="rank_k", rank=R, k=K),
+    )
     block = NPTBlock(cfg, rngs=nnx.Rngs(0))
     for path, v in nnx.to_flat_state(nnx.state(block, nnx.Param)):
         names = axes_of(v)
         assert len(names) == v[...].ndim, path
         assert any(n is not None for n in names), path
-    assert axes_of(block.w_q) == ("embed", "heads", "head_dim")
-    assert axes_of(block.w_o) == ("heads", "head_dim", "embed")
+    assert axes_of(block.W_q) == ("embed", "heads", "head_dim")
+    assert axes_of(block.W_o) == ("heads", "head_dim", "embed")
     assert axes_of(block.mlp.W_u) == ("rank", None, "embed")
     assert axes_of(block.mlp.W_w) == ("rank", None, "mlp")
 
@@ -173,10 +184,26 @@ def test_init_scales_and_logical_axes():
         (dict(d_model=0, d_ff=4), r"NPTMLPConfig.d_model must be a positive int, got 0"),
         (dict(d_model=4, d_ff=4, rank=2.5), r"NPTMLPConfig.rank must be a positive int, got 2.5"),
         (dict(d_model=4, d_ff=4, k=True), r"NPTMLPConfig.k must be a positive int, got True"),
-        (dict(d_model=4, d_ff=4, d_mod=-1), r"NPTMLPConfig.d_mod must be None or a positive int, got -1"),
-        (dict(d_model=4, d_ff=4, modulation="full"), r"NPTMLPConfig.modulation='full' is not one of"),
-        (dict(d_model=4, d_ff=4, mod_scale=float("nan")), r"NPTMLPConfig.mod_scale must be a finite number >= 0, got nan"),
-        (dict(d_model=4, d_ff=4, reg_lambda=-1.0), r"NPTMLPConfig.reg_lambda must be a finite number >= 0, got -1.0"),
+        (
+            dict(d_model=4, d_ff=4, d_mod=-1),
+            r"NPTMLPConfig.d_mod must be a positive int, got -1",
+        ),
+        (
+            dict(d_model=4, d_ff=4, precision="bf16"),
+            r"NPTMLPConfig.precision must be a MixedPrecision, got 'bf16'",
+        ),
+        (
+            dict(d_model=4, d_ff=4, modulation="full"),
+            r"NPTMLPConfig.modulation='full' is not one of",
+        ),
+        (
+            dict(d_model=4, d_ff=4, mod_scale=float("nan")),
+            r"NPTMLPConfig.mod_scale must be a finite number >= 0, got nan",
+        ),
+        (
+            dict(d_model=4, d_ff=4, reg_lambda=-1.0),
+            r"NPTMLPConfig.reg_lambda must be a finite number >= 0, got -1.0",
+        ),
     ],
 )
 def test_mlp_config_errors_name_field_and_value(kwargs, pattern):
@@ -189,13 +216,27 @@ def test_mlp_config_errors_name_field_and_value(kwargs, pattern):
     [
         (dict(num_heads=0, head_dim=4), r"NPTBlockConfig.num_heads must be a positive int, got 0"),
         (dict(num_heads=2, head_dim=3), r"NPTBlockConfig.head_dim must be even for RoPE, got 3"),
-        (dict(num_heads=2, head_dim=4, attn_residual=1), r"NPTBlockConfig.attn_residual must be a bool, got 1"),
-        (dict(num_heads=2, head_dim=4, mlp=NPTMLPConfig(d_model=8, d_ff=4, d_mod=6)),
-         r"NPTBlockConfig.mlp.d_mod=6 must be None or d_model=8"),
-        (dict(num_heads=2, head_dim=4, attn_residual=False,
-              mlp=NPTMLPConfig(d_model=8, d_ff=4, modulation="none")),
-         r"attn_residual=False with mlp.modulation='none'"),
-        (dict(num_heads=2, head_dim=4, rope_theta=0.0), r"NPTBlockConfig.rope_theta must be a finite number > 0, got 0.0"),
+        (
+            dict(num_heads=2, head_dim=4, attn_residual=1),
+            r"NPTBlockConfig.attn_residual must be a bool, got 1",
+        ),
+        (
+            dict(num_heads=2, head_dim=4, mlp=NPTMLPConfig(d_model=8, d_ff=4, d_mod=6)),
+            r"NPTBlockConfig.mlp.d_mod=6 must be None or d_model=8",
+        ),
+        (
+            dict(
+                num_heads=2,
+                head_dim=4,
+                attn_residual=False,
+                mlp=NPTMLPConfig(d_model=8, d_ff=4, modulation="none"),
+            ),
+            r"attn_residual=False with mlp.modulation='none'",
+        ),
+        (
+            dict(num_heads=2, head_dim=4, rope_theta=0.0),
+            r"NPTBlockConfig.rope_theta must be a finite number > 0, got 0.0",
+        ),
     ],
 )
 def test_block_config_errors_name_field_and_value(kwargs, pattern):
@@ -221,26 +262,37 @@ def test_mlp_bad_inputs_raise_named_value_errors():
 def test_bf16_compute_is_close_to_fp32(modulation):
     cfg = NPTMLPConfig(d_model=64, d_ff=128, modulation=modulation, rank=R, k=K)
     m32 = NPTMLP(cfg, rngs=nnx.Rngs(3))
-    m16 = NPTMLP(cfg, precision=BF16, rngs=nnx.Rngs(3))
+    m16 = NPTMLP(dataclasses.replace(cfg, precision=BF16), rngs=nnx.Rngs(3))
     enlarge(m32, 30.0)
     enlarge(m16, 30.0)
     x = jax.random.normal(jax.random.key(0), (Bn, S, 64))
     y32, _ = m32(x, x)
     y16, _ = m16(x, x)
-    assert y16.dtype == jnp.bfloat16 and m16.w_gate[...].dtype == jnp.float32
+    assert y16.dtype == jnp.bfloat16 and m16.W_gate[...].dtype == jnp.float32
     assert rel_err(y16.astype(jnp.float32), y32) <= 2e-2
 
 
 def block_and_reference(attn_residual, seed=0):
-    cfg = NPTBlockConfig(num_heads=2, head_dim=4, attn_residual=attn_residual,
-                         mlp=NPTMLPConfig(d_model=D, d_ff=F, rank=R))
+    cfg = NPTBlockConfig(
+        num_heads=2,
+        head_dim=4,
+        attn_residual=attn_residual,
+        mlp=NPTMLPConfig(d_model=D, d_ff=F, rank=R),
+    )
     block = NPTBlock(cfg, rngs=nnx.Rngs(seed))
     enlarge(block.mlp, 30.0)
 
     def reference(x):
-        o = causal_attention(rms_norm(x, block.attn_norm[...]), block.w_q[...], block.w_k[...],
-                             block.w_v[...], block.w_o[...], jnp.arange(x.shape[1]), 10000.0,
-                             jnp.float32)
+        o = causal_attention(
+            rms_norm(x, block.attn_norm[...]),
+            block.W_q[...],
+            block.W_k[...],
+            block.W_v[...],
+            block.W_o[...],
+            jnp.arange(x.shape[1]),
+            10000.0,
+            jnp.float32,
+        )
         h = x + o if attn_residual else x
         y, aux = block.mlp(rms_norm(h, block.mlp_norm[...]), o)
         return h + y, o
@@ -274,7 +326,7 @@ def test_block_without_attn_residual_trains_attention_through_modulation():
         return jnp.sum(nnx.merge(graphdef, state)(x)[0] ** 2)
 
     g = jax.jit(jax.grad(loss))(state)
-    for name in ("w_q", "w_k", "w_v", "w_o", "attn_norm"):
+    for name in ("W_q", "W_k", "W_v", "W_o", "attn_norm"):
         assert float(jnp.linalg.norm(g[name][...])) > 0.0, name
 
 

@@ -131,8 +131,11 @@ def test_fp32_accumulation_beats_bf16_accumulation():
     d = 4096
     h = jnp.ones((1, 1, d), jnp.bfloat16)
     W = jnp.full((d, 1), 1.0 + 2.0**-7, jnp.bfloat16)
-    zero = dict(m=jnp.zeros((1, 1, 1), jnp.bfloat16), A=jnp.zeros((d, 1), jnp.bfloat16),
-                B=jnp.zeros((1, 1), jnp.bfloat16))
+    zero = dict(
+        m=jnp.zeros((1, 1, 1), jnp.bfloat16),
+        A=jnp.zeros((d, 1), jnp.bfloat16),
+        B=jnp.zeros((1, 1), jnp.bfloat16),
+    )
     y = npt_modulated_linear(h, W=W, **zero)
     # exact: 4096 * (1 + 2^-7) = 4128, a bf16 number; a bf16 running sum stalls at 256 + ...
     assert float(y[0, 0, 0]) == 4128.0

@@ -64,7 +64,7 @@ def param(
     if len(axes) != len(shape):
         raise ValueError(f"axes {tuple(axes)} must name every dim of shape {tuple(shape)}")
     return nnx.Param(
-        init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False
+        init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False
     )
 
 

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.layers.common import FP32, MixedPrecision, normal, ones, param, rms_norm
+from ttt_jax.layers.common import MixedPrecision, normal, ones, param, rms_norm
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
-from ttt_jax.ops.checks import check_shapes
+from ttt_jax.ops.checks import check_positive_int, check_shapes
 from ttt_jax.ops.rope import rope
 
 
@@ -33,8 +33,8 @@ class NPTBlockConfig:
     Attributes:
       num_heads: H, attention heads.
       head_dim: Dh, attention head width (even, for RoPE).
-      mlp: the NPT MLP; its `d_model` is the block width and its modulating signal is the
-        attention output, so `mlp.d_mod` must be None or `d_model`.
+      mlp: the NPT MLP; its `d_model` is the block width, its `precision` the block's, and its
+        modulating signal is the attention output, so `mlp.d_mod` must be None or `d_model`.
       attn_residual: add the attention output to the residual stream (True) or use it only
         to modulate the MLP (False).
       rope_theta: RoPE base.
@@ -49,10 +49,8 @@ class NPTBlockConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        for field in ("num_heads", "head_dim"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"NPTBlockConfig.{field} must be a positive int, got {value!r}")
+        check_positive_int("NPTBlockConfig.num_heads", self.num_heads)
+        check_positive_int("NPTBlockConfig.head_dim", self.head_dim)
         if self.head_dim % 2:
             raise ValueError(f"NPTBlockConfig.head_dim must be even for RoPE, got {self.head_dim}")
         if not isinstance(self.mlp, NPTMLPConfig):
@@ -74,11 +72,17 @@ class NPTBlockConfig:
         for field in ("rope_theta", "norm_eps"):
             value = getattr(self, field)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"NPTBlockConfig.{field} must be a finite number > 0, got {value!r}")
+                raise ValueError(
+                    f"NPTBlockConfig.{field} must be a finite number > 0, got {value!r}"
+                )
 
     @property
     def d_model(self) -> int:
         return self.mlp.d_model
+
+    @property
+    def precision(self) -> MixedPrecision:
+        return self.mlp.precision
 
 
 def causal_attention(
@@ -123,26 +127,26 @@ def causal_attention(
 class NPTBlock(nnx.Module):
     """Pre-norm block: RMSNorm, causal RoPE attention, RMSNorm, NPT MLP (module docstring).
 
-    Parameters (logical axes): `attn_norm, mlp_norm: [d]` (embed), `w_q, w_k, w_v:
-    [d, H, Dh]` (embed, heads, head_dim), `w_o: [H, Dh, d]` (heads, head_dim, embed), and the
-    MLP's (`NPTMLP`). Norm scales and the residual stream keep the dtype of x; attention and
-    MLP run in the compute dtype.
+    Parameters (logical axes): `attn_norm, mlp_norm: [d]` (embed), `W_q, W_k, W_v:
+    [d, H, Dh]` (embed, heads, head_dim), `W_o: [H, Dh, d]` (heads, head_dim, embed), and the
+    MLP's (`NPTMLP`). The block runs at `config.mlp.precision`: attention and MLP matmuls in its
+    compute dtype, norms in fp32, the residual stream in the dtype of x.
     """
 
-    def __init__(
-        self, config: NPTBlockConfig, *, precision: MixedPrecision = FP32, rngs: nnx.Rngs
-    ):
+    def __init__(self, config: NPTBlockConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.precision = precision
-        d, h, e, pd = config.d_model, config.num_heads, config.head_dim, precision.param_dtype
+        d, h, e = config.d_model, config.num_heads, config.head_dim
+        pd = config.precision.param_dtype
         self.attn_norm = param(rngs, ones, (d,), ("embed",), pd)
         self.mlp_norm = param(rngs, ones, (d,), ("embed",), pd)
         qkv_axes = ("embed", "heads", "head_dim")
-        self.w_q = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
-        self.w_k = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
-        self.w_v = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
-        self.w_o = param(rngs, normal((h * e) ** -0.5), (h, e, d), ("heads", "head_dim", "embed"), pd)
-        self.mlp = NPTMLP(config.mlp, precision=precision, rngs=rngs)
+        self.W_q = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
+        self.W_k = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
+        self.W_v = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
+        self.W_o = param(
+            rngs, normal((h * e) ** -0.5), (h, e, d), ("heads", "head_dim", "embed"), pd
+        )
+        self.mlp = NPTMLP(config.mlp, rngs=rngs)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array | None = None
@@ -156,19 +160,20 @@ class NPTBlock(nnx.Module):
         Returns:
           `[B, S, d]` in the dtype of x, and the MLP's auxiliary loss (fp32 scalar).
         """
-        c, cd = self.config, self.precision.compute_dtype
-        dims = check_shapes([("x", x, ("B", "S", c.d_model))])
+        c, cd = self.config, self.config.precision.compute_dtype
+        pos_shape = ("S",) if positions is None or jnp.ndim(positions) == 1 else ("B", "S")
+        dims = check_shapes([("x", x, ("B", "S", c.d_model)), ("positions", positions, pos_shape)])
         if positions is None:
             positions = jnp.arange(dims["S"])
-        else:
-            check_shapes([("x", x, ("B", "S", "d"))] + (
-                [("positions", positions, ("S",))] if jnp.ndim(positions) == 1
-                else [("positions", positions, ("B", "S"))]
-            ))
         o = causal_attention(
             rms_norm(x, self.attn_norm[...], c.norm_eps),
-            self.w_q[...], self.w_k[...], self.w_v[...], self.w_o[...],
-            positions, c.rope_theta, cd,
+            self.W_q[...],
+            self.W_k[...],
+            self.W_v[...],
+            self.W_o[...],
+            positions,
+            c.rope_theta,
+            cd,
         )
         h = x + o.astype(x.dtype) if c.attn_residual else x
         y, aux = self.mlp(rms_norm(h, self.mlp_norm[...], c.norm_eps), o)

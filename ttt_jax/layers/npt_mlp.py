@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.common import FP32, MixedPrecision, dense, normal, param
-from ttt_jax.ops.checks import check_shapes
+from ttt_jax.ops.checks import check_choice, check_positive_int, check_shapes
 from ttt_jax.ops.npt import npt_modulated_linear, npt_rank_k_linear
 
 MODULATIONS = ("low_rank", "rank_k", "none")
@@ -39,7 +39,7 @@ MODULATIONS = ("low_rank", "rank_k", "none")
 
 @dataclasses.dataclass(frozen=True)
 class NPTMLPConfig:
-    """Shape and modulation of an NPT MLP.
+    """Shape, modulation and precision of an NPT MLP.
 
     Attributes:
       d_model: d, width of the MLP input and output.
@@ -51,6 +51,7 @@ class NPTMLPConfig:
       k: number of per-token vector pairs `(u_{t,k}, w_{t,k})` (rank_k only).
       mod_scale: s in `m_t = s * tanh(a_t A_m)` (low_rank only).
       reg_lambda: weight of the auxiliary regulariser (0 turns it off).
+      precision: the mixed-precision policy.
     """
 
     d_model: int
@@ -61,61 +62,61 @@ class NPTMLPConfig:
     k: int = 1
     mod_scale: float = 0.1
     reg_lambda: float = 0.0
+    precision: MixedPrecision = FP32
 
     def __post_init__(self):
         for field in ("d_model", "d_ff", "rank", "k"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"NPTMLPConfig.{field} must be a positive int, got {value!r}")
-        if self.d_mod is not None and (
-            isinstance(self.d_mod, bool) or not isinstance(self.d_mod, int) or self.d_mod <= 0
-        ):
-            raise ValueError(
-                f"NPTMLPConfig.d_mod must be None or a positive int, got {self.d_mod!r}"
-            )
-        if self.modulation not in MODULATIONS:
-            raise ValueError(
-                f"NPTMLPConfig.modulation={self.modulation!r} is not one of {MODULATIONS}"
-            )
+            check_positive_int(f"NPTMLPConfig.{field}", getattr(self, field))
+        if self.d_mod is not None:
+            check_positive_int("NPTMLPConfig.d_mod", self.d_mod)
+        check_choice("NPTMLPConfig.modulation", self.modulation, MODULATIONS)
         for field in ("mod_scale", "reg_lambda"):
             value = getattr(self, field)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(
                     f"NPTMLPConfig.{field} must be a finite number >= 0, got {value!r}"
                 )
+        if not isinstance(self.precision, MixedPrecision):
+            raise ValueError(
+                f"NPTMLPConfig.precision must be a MixedPrecision, got {self.precision!r}"
+            )
 
     @property
     def mod_width(self) -> int:
         return self.d_model if self.d_mod is None else self.d_mod
 
 
+def _proj(spec: str, x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+    """einsum in the compute dtype with an fp32 result (for the small modulation paths)."""
+    return jnp.einsum(
+        spec, x.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32
+    )
+
+
 class NPTMLP(nnx.Module):
     """SwiGLU MLP with a per-token modulated gate projection.
 
-    Parameters (logical axes): `w_gate, w_up: [d, F]` (embed, mlp), `w_down: [F, d]`
+    Parameters (logical axes): `W_gate, W_up: [d, F]` (embed, mlp), `W_down: [F, d]`
     (mlp, embed); low_rank adds `A: [d, r]` (embed, rank), `B: [r, F]` (rank, mlp),
     `A_m: [d_mod, r]` (embed, rank); rank_k adds `W_gen: [d_mod, r]` (embed, rank),
     `W_u: [r, k, d]` (rank, -, embed), `W_w: [r, k, F]` (rank, -, mlp). The k axis is left
-    unnamed (replicated): it is small and not worth a mesh axis.
+    unnamed (replicated): it is small and not worth a mesh axis. A projection is `x @ W`.
 
     Init: dense weights `N(0, 1/fan_in)`. Low rank as in the source design: `A` and `A_m`
     `N(0, (0.01/sqrt(d))^2)`, `B` `N(0, (0.01/sqrt(r))^2)`. Rank k: `W_gen` `N(0, 1/d_mod)`
     so r_t is O(1), then `W_u` `N(0, (0.01/sqrt(r d))^2)` and `W_w` `N(0, (0.01/sqrt(r k))^2)`
     so that each `u_{t,k}` has the per-entry scale of a column of A and the sum over k of
-    `w_{t,k}` that of a row of B: the layer starts within ~1e-4 of the plain MLP and still
-    gets gradient.
+    `w_{t,k}` that of a row of B: the layer starts close to the plain MLP and still gets
+    gradient.
     """
 
-    def __init__(
-        self, config: NPTMLPConfig, *, precision: MixedPrecision = FP32, rngs: nnx.Rngs
-    ):
+    def __init__(self, config: NPTMLPConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.precision = precision
-        c, pd = config, precision.param_dtype
+        c, pd = config, config.precision.param_dtype
         d, f, r, dm = c.d_model, c.d_ff, c.rank, c.mod_width
-        self.w_gate = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
-        self.w_up = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
-        self.w_down = param(rngs, normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
+        self.W_gate = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
+        self.W_up = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
+        self.W_down = param(rngs, normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
         if c.modulation == "low_rank":
             self.A = param(rngs, normal(0.01 / math.sqrt(d)), (d, r), ("embed", "rank"), pd)
             self.B = param(rngs, normal(0.01 / math.sqrt(r)), (r, f), ("rank", "mlp"), pd)
@@ -142,44 +143,38 @@ class NPTMLP(nnx.Module):
           `y: [B, S, d]` in the compute dtype, and the auxiliary loss, an fp32 scalar
           (0 when `reg_lambda == 0` or `modulation="none"`).
         """
-        c, cd = self.config, self.precision.compute_dtype
+        c, cd = self.config, self.config.precision.compute_dtype
         check_shapes([("x", x, ("B", "S", c.d_model))])
         if c.modulation != "none":
             if a is None:
-                raise ValueError(f"a (the modulating signal) is required for {c.modulation=}")
+                raise ValueError(
+                    f"a (the modulating signal) is required for modulation={c.modulation!r}"
+                )
             check_shapes([("x", x, ("B", "S", c.d_model)), ("a", a, ("B", "S", c.mod_width))])
         x = x.astype(cd)
         aux = jnp.zeros((), jnp.float32)
         if c.modulation == "none":
-            gate = dense(x, self.w_gate[...], cd)
+            gate = dense(x, self.W_gate[...], cd)
         elif c.modulation == "low_rank":
             # m is [B, S, r]: fp32 costs nothing and keeps tanh's small outputs exact.
-            m = c.mod_scale * jnp.tanh(
-                jnp.einsum(
-                    "bsi,ir->bsr", a.astype(cd), self.A_m[...].astype(cd),
-                    preferred_element_type=jnp.float32,
-                )
-            )
-            gate = npt_modulated_linear(x, m, W=self.w_gate[...], A=self.A[...], B=self.B[...])
+            m = c.mod_scale * jnp.tanh(_proj("bsi,ir->bsr", a, self.A_m[...], cd))
+            gate = npt_modulated_linear(x, m, W=self.W_gate[...], A=self.A[...], B=self.B[...])
             if c.reg_lambda:
                 a_sq = jnp.sum(jnp.square(self.A[...].astype(jnp.float32)), axis=0)[None, None]
                 b_sq = jnp.sum(jnp.square(self.B[...].astype(jnp.float32)))
                 aux = c.reg_lambda * (jnp.mean(jnp.sum(m * m * a_sq, -1)) + b_sq)
         else:
-            r_t = jnp.einsum(
-                "bsi,ir->bsr", a.astype(cd), self.W_gen[...].astype(cd),
-                preferred_element_type=jnp.float32,
-            )
-            # u and w are activations as large as x and gate (per k): store them in the
-            # compute dtype; the regulariser reads the fp32 values before the cast.
-            u = jnp.einsum("bsr,rkd->bskd", r_t.astype(cd), self.W_u[...].astype(cd),
-                           preferred_element_type=jnp.float32)
-            w = jnp.einsum("bsr,rkf->bskf", r_t.astype(cd), self.W_w[...].astype(cd),
-                           preferred_element_type=jnp.float32)
+            r_t = _proj("bsi,ir->bsr", a, self.W_gen[...], cd)
+            # u and w are activations k times as large as x and gate: stored in the compute
+            # dtype, like every activation between matmuls.
+            u = _proj("bsr,rkd->bskd", r_t, self.W_u[...], cd).astype(cd)
+            w = _proj("bsr,rkf->bskf", r_t, self.W_w[...], cd).astype(cd)
             if c.reg_lambda:
-                tokens = x.shape[0] * x.shape[1]
-                aux = c.reg_lambda * (jnp.sum(u * u) + jnp.sum(w * w)) / tokens
-            gate = npt_rank_k_linear(x, u.astype(cd), w.astype(cd), W=self.w_gate[...])
-        up = dense(x, self.w_up[...], cd)
+                sq = jnp.sum(jnp.square(u.astype(jnp.float32))) + jnp.sum(
+                    jnp.square(w.astype(jnp.float32))
+                )
+                aux = c.reg_lambda * sq / (x.shape[0] * x.shape[1])
+            gate = npt_rank_k_linear(x, u, w, W=self.W_gate[...])
+        up = dense(x, self.W_up[...], cd)
         z = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(cd)
-        return dense(z, self.w_down[...], cd), aux
+        return dense(z, self.W_down[...], cd), aux

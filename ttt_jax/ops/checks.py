@@ -17,7 +17,7 @@ Dim = int | str
 
 
 def describe(shape: Sequence[Dim]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ")"
+    return str(tuple(shape)).replace("'", "")
 
 
 def check_shapes(specs: Sequence[tuple[str, object, Sequence[Dim]]]) -> dict[str, int]:

@@ -45,13 +45,15 @@ def npt_modulated_linear(
       ValueError: before tracing, naming the argument whose shape disagrees (rank r between
         A, B and m; d between h, W and A; F between W and B; B, S between h and m).
     """
-    check_shapes([
-        ("h", h, ("B", "S", "d")),
-        ("W", W, ("d", "F")),
-        ("A", A, ("d", "r")),
-        ("B", B, ("r", "F")),
-        ("m", m, ("B", "S", "r")),
-    ])
+    check_shapes(
+        [
+            ("h", h, ("B", "S", "d")),
+            ("W", W, ("d", "F")),
+            ("A", A, ("d", "r")),
+            ("B", B, ("r", "F")),
+            ("m", m, ("B", "S", "r")),
+        ]
+    )
     check_float(h=h, m=m, W=W, A=A, B=B)
     cd = h.dtype
     base = matmul("bsd,df->bsf", h, W, cd)
@@ -76,12 +78,14 @@ def npt_rank_k_linear(h: jax.Array, u: jax.Array, w: jax.Array, *, W: jax.Array)
     Raises:
       ValueError: before tracing, naming the argument whose shape disagrees.
     """
-    check_shapes([
-        ("h", h, ("B", "S", "d")),
-        ("W", W, ("d", "F")),
-        ("u", u, ("B", "S", "k", "d")),
-        ("w", w, ("B", "S", "k", "F")),
-    ])
+    check_shapes(
+        [
+            ("h", h, ("B", "S", "d")),
+            ("W", W, ("d", "F")),
+            ("u", u, ("B", "S", "k", "d")),
+            ("w", w, ("B", "S", "k", "F")),
+        ]
+    )
     check_float(h=h, u=u, w=w, W=W)
     cd = h.dtype
     base = matmul("bsd,df->bsf", h, W, cd)
