@@ -16,6 +16,7 @@ from flax import nnx
 from ttt_jax.layers.common import BF16, rms_norm
 from ttt_jax.layers.npt_block import NPTBlock, NPTBlockConfig, causal_attention
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
+from ttt_jax.ops.rope import rope
 
 HI = jax.lax.Precision.HIGHEST
 Bn, S, D, F, R, K, DM = 2, 6, 8, 12, 4, 3, 10
@@ -67,10 +68,20 @@ def reference_mlp(p, cfg, x, a):
     return y, aux
 
 
-@pytest.mark.parametrize("modulation", ["low_rank", "rank_k", "none"])
-def test_mlp_equals_materialised_reference_values_and_grads(modulation):
+@pytest.mark.parametrize(
+    "modulation, form",
+    [("low_rank", None), ("rank_k", "factored"), ("rank_k", "vectors"), ("none", None)],
+)
+def test_mlp_equals_materialised_reference_values_and_grads(modulation, form):
     cfg = NPTMLPConfig(
-        d_model=D, d_ff=F, d_mod=DM, modulation=modulation, rank=R, k=K, reg_lambda=0.3
+        d_model=D,
+        d_ff=F,
+        d_mod=DM,
+        modulation=modulation,
+        rank=R,
+        k=K,
+        reg_lambda=0.3,
+        rank_k_form=form or "factored",
     )
     model = NPTMLP(cfg, rngs=nnx.Rngs(0))
     enlarge(model, 30.0)
@@ -121,19 +132,6 @@ def test_low_rank_with_zero_A_is_the_plain_mlp():
     y, _ = model(x, a)
     y_plain, _ = plain(x, a)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_plain))
-
-
-def test_regulariser_normalisation_by_hand():
-    """aux = lambda * mean over tokens of (sum_k |u_k|^2 + sum_k |w_k|^2), checked on numbers."""
-    cfg = NPTMLPConfig(d_model=2, d_ff=3, d_mod=1, modulation="rank_k", rank=1, k=1, reg_lambda=0.5)
-    model = NPTMLP(cfg, rngs=nnx.Rngs(0))
-    model.W_gen[...] = jnp.ones((1, 1))
-    model.W_u[...] = jnp.array([[[1.0, 2.0]]])
-    model.W_w[...] = jnp.array([[[1.0, 0.0, 1.0]]])
-    a = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(2, 2, 1)  # r_t = a_t
-    _, aux = model(jnp.zeros((2, 2, 2)), a)
-    # |u_t|^2 = 5 a_t^2, |w_t|^2 = 2 a_t^2 -> 0.5 * mean(7 * [1, 4, 9, 16]) = 26.25
-    assert float(aux) == pytest.approx(26.25, rel=1e-6)
 
 
 def axes_of(variable):
@@ -197,6 +195,10 @@ def test_init_scales_and_logical_axes():
             r"NPTMLPConfig.modulation='full' is not one of",
         ),
         (
+            dict(d_model=4, d_ff=4, rank_k_form="lazy"),
+            r"NPTMLPConfig.rank_k_form='lazy' is not one of 'factored', 'vectors'",
+        ),
+        (
             dict(d_model=4, d_ff=4, mod_scale=float("nan")),
             r"NPTMLPConfig.mod_scale must be a finite number >= 0, got nan",
         ),
@@ -209,6 +211,29 @@ def test_init_scales_and_logical_axes():
 def test_mlp_config_errors_name_field_and_value(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         NPTMLPConfig(**kwargs)
+
+
+def test_rank_k_regulariser_by_hand_in_both_forms():
+    """aux = lambda * mean over tokens of (sum_k |u_k|^2 + sum_k |w_k|^2), checked on numbers."""
+    for form in ("factored", "vectors"):
+        cfg = NPTMLPConfig(
+            d_model=2,
+            d_ff=3,
+            d_mod=1,
+            modulation="rank_k",
+            rank=1,
+            k=1,
+            reg_lambda=0.5,
+            rank_k_form=form,
+        )
+        model = NPTMLP(cfg, rngs=nnx.Rngs(0))
+        model.W_gen[...] = jnp.ones((1, 1))
+        model.W_u[...] = jnp.array([[[1.0, 2.0]]])
+        model.W_w[...] = jnp.array([[[1.0, 0.0, 1.0]]])
+        a = jnp.array([1.0, 2.0, 3.0, 4.0]).reshape(2, 2, 1)  # r_t = a_t
+        _, aux = model(jnp.zeros((2, 2, 2)), a)
+        # |u_t|^2 = 5 a_t^2, |w_t|^2 = 2 a_t^2 -> 0.5 * mean(7 * [1, 4, 9, 16]) = 26.25
+        assert float(aux) == pytest.approx(26.25, rel=1e-6), form
 
 
 @pytest.mark.parametrize(
@@ -339,3 +364,21 @@ def test_block_is_causal(attn_residual):
     out2, _ = block(x2)
     np.testing.assert_allclose(np.asarray(out[:, :4]), np.asarray(out2[:, :4]), rtol=0, atol=1e-6)
     assert float(jnp.max(jnp.abs(out[:, 4:] - out2[:, 4:]))) > 1e-3
+
+
+def test_causal_attention_matches_manual_softmax():
+    ks = jax.random.split(jax.random.key(8), 5)
+    H, E = 2, 4
+    x = jax.random.normal(ks[0], (Bn, S, D))
+    wq, wk, wv = (jax.random.normal(k, (D, H, E)) for k in ks[1:4])
+    wo = jax.random.normal(ks[4], (H, E, D))
+    pos = jnp.arange(S)
+    out = causal_attention(x, wq, wk, wv, wo, pos, 10000.0, jnp.float32)
+    q = rope(jnp.einsum("bsd,dhe->bshe", x, wq, precision=HI), pos)
+    k = rope(jnp.einsum("bsd,dhe->bshe", x, wk, precision=HI), pos)
+    v = jnp.einsum("bsd,dhe->bshe", x, wv, precision=HI)
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, precision=HI) / math.sqrt(E)
+    scores = jnp.where(jnp.tril(jnp.ones((S, S), bool)), scores, -jnp.inf)
+    o = jnp.einsum("bhqk,bkhe->bqhe", jax.nn.softmax(scores, -1), v, precision=HI)
+    ref = jnp.einsum("bshe,hed->bsd", o, wo, precision=HI)
+    assert rel_err(out, ref) <= 1e-5

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttt_jax.ops.npt import npt_modulated_linear, npt_rank_k_linear
+from ttt_jax.ops.npt import npt_generated_rank_k_linear, npt_modulated_linear, npt_rank_k_linear
 
 HI = jax.lax.Precision.HIGHEST
 Bn, S, D, F, R, K = 2, 5, 6, 7, 3, 2
@@ -50,6 +50,17 @@ def rank_k_inputs(seed=0, dtype=jnp.float32):
     )
 
 
+def generated_inputs(seed=0, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    return dict(
+        h=randn(ks[0], (Bn, S, D), dtype),
+        g=randn(ks[1], (Bn, S, R), dtype),
+        W=randn(ks[2], (D, F), dtype),
+        W_u=randn(ks[3], (R, K, D), dtype),
+        W_w=randn(ks[4], (R, K, F), dtype),
+    )
+
+
 def materialised_modulated(h, m, W, A, B):
     """`h_t (W + Delta W_t)` with `Delta W_t = A diag(m_t) B` formed per token."""
     delta = jnp.einsum("dr,bsr,rf->bsdf", A, m, B, precision=HI)
@@ -61,6 +72,12 @@ def materialised_rank_k(h, u, w, W):
     return jnp.einsum("bsd,bsdf->bsf", h, W[None, None] + delta, precision=HI)
 
 
+def materialised_generated(h, g, W, W_u, W_w):
+    u = jnp.einsum("bsr,rkd->bskd", g, W_u, precision=HI)
+    w = jnp.einsum("bsr,rkf->bskf", g, W_w, precision=HI)
+    return materialised_rank_k(h, u, w, W)
+
+
 def efficient_modulated(h, m, W, A, B):
     return npt_modulated_linear(h, m, W=W, A=A, B=B)
 
@@ -69,13 +86,19 @@ def efficient_rank_k(h, u, w, W):
     return npt_rank_k_linear(h, u, w, W=W)
 
 
+def efficient_generated(h, g, W, W_u, W_w):
+    return npt_generated_rank_k_linear(h, g, W=W, W_u=W_u, W_w=W_w)
+
+
 CASES = [
     (efficient_modulated, materialised_modulated, modulated_inputs),
     (efficient_rank_k, materialised_rank_k, rank_k_inputs),
+    (efficient_generated, materialised_generated, generated_inputs),
 ]
+IDS = ["low_rank", "rank_k", "generated_rank_k"]
 
 
-@pytest.mark.parametrize("fast, slow, make", CASES, ids=["low_rank", "rank_k"])
+@pytest.mark.parametrize("fast, slow, make", CASES, ids=IDS)
 def test_equals_materialised_delta_w_fp32(fast, slow, make):
     args = make()
     names = list(args)
@@ -105,7 +128,7 @@ def test_rank_k_with_k_equal_r_is_the_modulated_form():
     assert rel_err(y1, y2) <= 1e-5
 
 
-@pytest.mark.parametrize("fast, slow, make", CASES, ids=["low_rank", "rank_k"])
+@pytest.mark.parametrize("fast, slow, make", CASES, ids=IDS)
 def test_bf16_inputs_give_bf16_output_close_to_fp32(fast, slow, make):
     args = make(seed=1, dtype=jnp.bfloat16)
     y = fast(**args)
@@ -115,15 +138,19 @@ def test_bf16_inputs_give_bf16_output_close_to_fp32(fast, slow, make):
     assert rel_err(y.astype(jnp.float32), y_ref) <= 2e-2
 
 
-@pytest.mark.parametrize("fast, make", [(c[0], c[2]) for c in CASES], ids=["low_rank", "rank_k"])
+@pytest.mark.parametrize("fast, make", [(c[0], c[2]) for c in CASES], ids=IDS)
 def test_bf16_matmuls_accumulate_in_fp32(fast, make):
     args = make(dtype=jnp.bfloat16)
     jaxpr = jax.make_jaxpr(lambda a: fast(**a))(args)
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert len(dots) == 3
+    assert len(dots) >= 3
     for e in dots:
         assert e.params["preferred_element_type"] == jnp.float32
-        assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars)
+    # every wide matmul takes bf16 operands; only r- or k-wide contractions stay fp32
+    wide = [e for e in dots if any(D in v.aval.shape or F in v.aval.shape for v in e.invars)]
+    assert len(wide) >= 2
+    for e in wide:
+        assert all(v.aval.dtype == jnp.bfloat16 for v in e.invars), e
 
 
 def test_fp32_accumulation_beats_bf16_accumulation():
@@ -184,3 +211,28 @@ def test_rank_k_bad_shapes_raise_named_value_errors(override, pattern):
     args.update(override)
     with pytest.raises(ValueError, match=pattern):
         npt_rank_k_linear(args["h"], args["u"], args["w"], W=args["W"])
+
+
+def test_generated_equals_rank_k_with_generated_vectors():
+    a = generated_inputs(seed=4)
+    u = jnp.einsum("bsr,rkd->bskd", a["g"], a["W_u"], precision=HI)
+    w = jnp.einsum("bsr,rkf->bskf", a["g"], a["W_w"], precision=HI)
+    y1 = npt_generated_rank_k_linear(a["h"], a["g"], W=a["W"], W_u=a["W_u"], W_w=a["W_w"])
+    y2 = npt_rank_k_linear(a["h"], u, w, W=a["W"])
+    assert rel_err(y1, y2) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ({"g": jnp.zeros((Bn, S, R + 1))}, r"W_u has shape \(3, 2, 6\) but g gives r=4"),
+        ({"W_w": jnp.zeros((R, K + 1, F))}, r"W_w has shape \(3, 3, 7\) but W_u gives k=2"),
+        ({"W_u": jnp.zeros((R, K, D + 1))}, r"W_u has shape \(3, 2, 7\) but h gives d=6"),
+        ({"W_w": jnp.zeros((R, K, F - 1))}, r"W_w has shape \(3, 2, 6\) but W gives F=7"),
+    ],
+)
+def test_generated_bad_shapes_raise_named_value_errors(override, pattern):
+    args = generated_inputs()
+    args.update(override)
+    with pytest.raises(ValueError, match=pattern):
+        efficient_generated(**args)

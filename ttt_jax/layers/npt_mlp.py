@@ -7,7 +7,9 @@ same block, passed in by the caller) and is never formed (`ttt_jax.ops.npt`):
 
 - `modulation="low_rank"`: `Delta W_t = A diag(m_t) B` with `m_t = s * tanh(a_t A_m)`, rank r.
 - `modulation="rank_k"`: a generator `r_t = a_t W_gen` (`[r]`), `u_t = r_t W_u` (`[k, d]`),
-  `w_t = r_t W_w` (`[k, F]`), and `Delta W_t = sum_k u_{t,k}^T w_{t,k}`.
+  `w_t = r_t W_w` (`[k, F]`), and `Delta W_t = sum_k u_{t,k}^T w_{t,k}`. By default
+  (`rank_k_form="factored"`) not even u and w are formed: `h_t . u_{t,k}` and the sum over k
+  regroup through `[r, k]` per-token numbers (`ttt_jax.ops.npt_generated_rank_k_linear`).
 - `modulation="none"`: the plain SwiGLU MLP with the same parameters minus the modulation,
   the baseline that memory tests and benchmarks compare with.
 
@@ -32,9 +34,15 @@ from flax import nnx
 
 from ttt_jax.layers.common import FP32, MixedPrecision, dense, normal, param
 from ttt_jax.ops.checks import check_choice, check_positive_int, check_shapes
-from ttt_jax.ops.npt import npt_modulated_linear, npt_rank_k_linear
+from ttt_jax.ops.npt import (
+    npt_generated_rank_k_linear,
+    npt_modulated_linear,
+    npt_rank_k_linear,
+)
+from ttt_jax.ops.ttt_common import matmul
 
 MODULATIONS = ("low_rank", "rank_k", "none")
+RANK_K_FORMS = ("factored", "vectors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,9 @@ class NPTMLPConfig:
       rank: r, rank of `A diag(m_t) B` (low_rank) or width of the generator bottleneck r_t
         (rank_k).
       k: number of per-token vector pairs `(u_{t,k}, w_{t,k})` (rank_k only).
+      rank_k_form: how rank_k is computed (same math, same parameters): `factored`
+        (`npt_generated_rank_k_linear`, never forms u or w; `[B, S, r, k]` activations) or
+        `vectors` (forms u `[B, S, k, d]` and w `[B, S, k, F]` and calls `npt_rank_k_linear`).
       mod_scale: s in `m_t = s * tanh(a_t A_m)` (low_rank only).
       reg_lambda: weight of the auxiliary regulariser (0 turns it off).
       precision: the mixed-precision policy.
@@ -60,6 +71,7 @@ class NPTMLPConfig:
     modulation: str = "low_rank"
     rank: int = 16
     k: int = 1
+    rank_k_form: str = "factored"
     mod_scale: float = 0.1
     reg_lambda: float = 0.0
     precision: MixedPrecision = FP32
@@ -70,6 +82,7 @@ class NPTMLPConfig:
         if self.d_mod is not None:
             check_positive_int("NPTMLPConfig.d_mod", self.d_mod)
         check_choice("NPTMLPConfig.modulation", self.modulation, MODULATIONS)
+        check_choice("NPTMLPConfig.rank_k_form", self.rank_k_form, RANK_K_FORMS)
         for field in ("mod_scale", "reg_lambda"):
             value = getattr(self, field)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
@@ -86,11 +99,13 @@ class NPTMLPConfig:
         return self.d_model if self.d_mod is None else self.d_mod
 
 
-def _proj(spec: str, x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
-    """einsum in the compute dtype with an fp32 result (for the small modulation paths)."""
-    return jnp.einsum(
-        spec, x.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32
-    )
+def _generated_sq_norm(g: jax.Array, gen: jax.Array) -> jax.Array:
+    """`sum_{b,s,k} |g_t gen[:, k]|^2` for `g: [B, S, r]`, `gen: [r, k, n]`, never forming
+    `g_t gen[:, k]`: it is `g_t G[k] g_t^T` with the `[k, r, r]` Gram matrices of `gen`."""
+    gen = gen.astype(jnp.float32)
+    gram = matmul("ikn,jkn->kij", gen, gen, jnp.float32)
+    g = g.astype(jnp.float32)
+    return jnp.sum(matmul("bsi,kij->bskj", g, gram, jnp.float32) * g[:, :, None, :])
 
 
 class NPTMLP(nnx.Module):
@@ -157,24 +172,32 @@ class NPTMLP(nnx.Module):
             gate = dense(x, self.W_gate[...], cd)
         elif c.modulation == "low_rank":
             # m is [B, S, r]: fp32 costs nothing and keeps tanh's small outputs exact.
-            m = c.mod_scale * jnp.tanh(_proj("bsi,ir->bsr", a, self.A_m[...], cd))
+            m = c.mod_scale * jnp.tanh(matmul("bsi,ir->bsr", a, self.A_m[...], cd))
             gate = npt_modulated_linear(x, m, W=self.W_gate[...], A=self.A[...], B=self.B[...])
             if c.reg_lambda:
                 a_sq = jnp.sum(jnp.square(self.A[...].astype(jnp.float32)), axis=0)[None, None]
                 b_sq = jnp.sum(jnp.square(self.B[...].astype(jnp.float32)))
                 aux = c.reg_lambda * (jnp.mean(jnp.sum(m * m * a_sq, -1)) + b_sq)
         else:
-            r_t = _proj("bsi,ir->bsr", a, self.W_gen[...], cd)
-            # u and w are activations k times as large as x and gate: stored in the compute
-            # dtype, like every activation between matmuls.
-            u = _proj("bsr,rkd->bskd", r_t, self.W_u[...], cd).astype(cd)
-            w = _proj("bsr,rkf->bskf", r_t, self.W_w[...], cd).astype(cd)
-            if c.reg_lambda:
-                sq = jnp.sum(jnp.square(u.astype(jnp.float32))) + jnp.sum(
-                    jnp.square(w.astype(jnp.float32))
+            g = matmul("bsi,ir->bsr", a, self.W_gen[...], cd)
+            if c.rank_k_form == "factored":
+                gate = npt_generated_rank_k_linear(
+                    x, g, W=self.W_gate[...], W_u=self.W_u[...], W_w=self.W_w[...]
                 )
-                aux = c.reg_lambda * sq / (x.shape[0] * x.shape[1])
-            gate = npt_rank_k_linear(x, u, w, W=self.W_gate[...])
+                if c.reg_lambda:
+                    sq = _generated_sq_norm(g, self.W_u[...]) + _generated_sq_norm(g, self.W_w[...])
+                    aux = c.reg_lambda * sq / (x.shape[0] * x.shape[1])
+            else:
+                # u and w are activations k times as large as x and gate: stored in the
+                # compute dtype, like every activation between matmuls.
+                u = matmul("bsr,rkd->bskd", g, self.W_u[...], cd).astype(cd)
+                w = matmul("bsr,rkf->bskf", g, self.W_w[...], cd).astype(cd)
+                if c.reg_lambda:
+                    sq = jnp.sum(jnp.square(u.astype(jnp.float32))) + jnp.sum(
+                        jnp.square(w.astype(jnp.float32))
+                    )
+                    aux = c.reg_lambda * sq / (x.shape[0] * x.shape[1])
+                gate = npt_rank_k_linear(x, u, w, W=self.W_gate[...])
         up = dense(x, self.W_up[...], cd)
         z = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(cd)
         return dense(z, self.W_down[...], cd), aux

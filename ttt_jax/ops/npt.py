@@ -10,7 +10,9 @@ the same output through rank-sized intermediates only:
 
 so the extra activations are `[B, S, r]` (or `[B, S, k]`), and plain autodiff of these lines
 keeps nothing bigger than the dense `h W` would. No custom VJP is needed: every cotangent is a
-dense matmul of the same shapes as the forward.
+dense matmul of the same shapes as the forward. When the rank-k vectors are themselves linear
+in a small code (`u = g W_u`, `w = g W_w`), `npt_generated_rank_k_linear` does not form them
+either.
 
 NPT ops have no state (SPEC 2) and return the output alone.
 """
@@ -91,3 +93,53 @@ def npt_rank_k_linear(h: jax.Array, u: jax.Array, w: jax.Array, *, W: jax.Array)
     base = matmul("bsd,df->bsf", h, W, cd)
     coef = matmul("bsd,bskd->bsk", h, u, cd)  # [B, S, k] fp32, as h A above
     return (base + matmul("bsk,bskf->bsf", coef, w, cd)).astype(cd)
+
+
+def npt_generated_rank_k_linear(
+    h: jax.Array, g: jax.Array, *, W: jax.Array, W_u: jax.Array, W_w: jax.Array
+) -> jax.Array:
+    """The rank-k form with linearly generated vectors, without forming them.
+
+    With `u_{t,k} = g_t W_u[:, k]` and `w_{t,k} = g_t W_w[:, k]` (the NPT layer's generator,
+    `g_t = a_t W_gen`), `y_t = h_t W + sum_k (h_t . u_{t,k}) w_{t,k}` regroups as
+
+        c_{t,k}  = sum_i g_{t,i} (h_t . W_u[i, k])            ([k], from h_t W_u^T: [r, k])
+        y_t      = h_t W + sum_{i,k} (c_{t,k} g_{t,i}) W_w[i, k]
+
+    so the per-token activations are `[r, k]` wide instead of `k (d + F)`: it equals
+    `npt_rank_k_linear(h, g W_u, g W_w, W=W)` with the same flops and none of the
+    `[B, S, k, d]` / `[B, S, k, F]` vectors or their cotangents.
+
+    Args:
+      h: `[B, S, d]` inputs; their dtype is the compute dtype (fp32 accumulation).
+      g: `[B, S, r]` per-token generator code.
+      W: `[d, F]` the static weight.
+      W_u: `[r, k, d]` generator of the left vectors.
+      W_w: `[r, k, F]` generator of the right vectors.
+
+    Returns:
+      `y: [B, S, F]` in the dtype of h.
+
+    Raises:
+      ValueError: before tracing, naming the argument whose shape disagrees.
+    """
+    check_shapes(
+        [
+            ("h", h, ("B", "S", "d")),
+            ("W", W, ("d", "F")),
+            ("g", g, ("B", "S", "r")),
+            ("W_u", W_u, ("r", "k", "d")),
+            ("W_w", W_w, ("r", "k", "F")),
+        ]
+    )
+    check_float(h=h, g=g, W=W, W_u=W_u, W_w=W_w)
+    cd = h.dtype
+    r, k = W_u.shape[:2]
+    base = matmul("bsd,df->bsf", h, W, cd)
+    g32 = g.astype(jnp.float32)
+    proj = matmul("bsd,ikd->bsik", h, W_u, cd)  # [B, S, r, k]: h_t . W_u[i, k]
+    # r * k numbers per token: fp32 (HIGHEST, so GPUs do not drop to TF32) costs nothing.
+    coef = matmul("bsi,bsik->bsk", g32, proj, jnp.float32)
+    outer = (g32[..., :, None] * coef[..., None, :]).reshape(*g.shape[:2], r * k)
+    low = matmul("bsj,jf->bsf", outer, W_w.reshape(r * k, W_w.shape[-1]), cd)
+    return (base + low).astype(cd)
