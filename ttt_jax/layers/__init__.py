@@ -1,12 +1,22 @@
 """Flax NNX layers: own the parameters, projections and norms; call `ttt_jax.ops`."""
 
 from ttt_jax.layers.common import BF16, FP32, MixedPrecision
+from ttt_jax.layers.inplace_mlp import InPlaceCache, InPlaceMLP, InPlaceMLPConfig
+from ttt_jax.layers.npt_block import NPTBlock, NPTBlockConfig
+from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
 from ttt_jax.layers.ttt_layer import TTTCache, TTTConfig, TTTLayer, TTTLinear, TTTMLP
 
 __all__ = [
     "BF16",
     "FP32",
+    "InPlaceCache",
+    "InPlaceMLP",
+    "InPlaceMLPConfig",
     "MixedPrecision",
+    "NPTBlock",
+    "NPTBlockConfig",
+    "NPTMLP",
+    "NPTMLPConfig",
     "TTTCache",
     "TTTConfig",
     "TTTLayer",

@@ -9,11 +9,26 @@ from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
 from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
 from ttt_jax.ops.ttt_primal import ttt_linear_primal, ttt_mlp_primal
 
+# --- In-Place TTT (SPEC 3.3)
+from ttt_jax.ops.inplace_ttt import InPlaceState, inplace_ttt
+
+# --- NPT per-token low-rank modulation (SPEC 3.4)
+from ttt_jax.ops.npt import (
+    npt_generated_rank_k_linear,
+    npt_modulated_linear,
+    npt_rank_k_linear,
+)
+
 __all__ = [
+    "InPlaceState",
     "POLICY_NAMES",
     "TTTLinearState",
     "TTTMLPState",
     "chunked_scan",
+    "inplace_ttt",
+    "npt_generated_rank_k_linear",
+    "npt_modulated_linear",
+    "npt_rank_k_linear",
     "resolve_policy",
     "ttt_linear",
     "ttt_linear_primal",
