@@ -37,8 +37,11 @@ from harness import (  # noqa: E402
 
 MODELS = {"2048x6144": (2048, 6144), "4096x14336": (4096, 14336)}
 # variant -> (ttt, prefix)
-VARIANTS = {"plain": (False, "sequential"), "inplace": (True, "sequential"),
-            "inplace_assoc": (True, "associative")}
+VARIANTS = {
+    "plain": (False, "sequential"),
+    "inplace": (True, "sequential"),
+    "inplace_assoc": (True, "associative"),
+}
 SMOKE = dict(models={"64x128": (64, 128)}, chunks=[16], seqs=[64, 128], iters=2)
 
 
@@ -54,8 +57,7 @@ def run_one(cfg: dict) -> dict:
     d, f = cfg["d_model"], cfg["d_ff"]
     ttt, prefix = VARIANTS[cfg["variant"]]
     precision = MixedPrecision.named("bf16")
-    mlp_cfg = InPlaceMLPConfig(d_model=d, d_ff=f, chunk_size=cfg["chunk"], ttt=ttt,
-                               prefix=prefix)
+    mlp_cfg = InPlaceMLPConfig(d_model=d, d_ff=f, chunk_size=cfg["chunk"], ttt=ttt, prefix=prefix)
     model = InPlaceMLP(mlp_cfg, precision=precision, rngs=nnx.Rngs(0))
     # Non-zero conv taps so that the fast weight really moves (at init it would not).
     model.ttt_conv[...] = 0.02 * jax.random.normal(jax.random.key(2), model.ttt_conv[...].shape)
@@ -114,16 +116,25 @@ def main() -> None:
         return
     models = {k: MODELS[k] for k in a.models}
     if a.smoke:
-        models, a.chunks, a.seqs, a.iters = (SMOKE[k] for k in ("models", "chunks", "seqs",
-                                                                "iters"))
+        models, a.chunks, a.seqs, a.iters = (
+            SMOKE[k] for k in ("models", "chunks", "seqs", "iters")
+        )
     rows = []
     for name, (d, f) in models.items():
         for t in a.seqs:
             for v in a.variants:
                 # The plain MLP has no chunks: once per shape.
-                for c in (a.chunks if v != "plain" else [None]):
-                    cfg = dict(model=name, d_model=d, d_ff=f, batch=a.batch, seq=t,
-                               chunk=c or a.chunks[0], variant=v, iters=a.iters)
+                for c in a.chunks if v != "plain" else [None]:
+                    cfg = dict(
+                        model=name,
+                        d_model=d,
+                        d_ff=f,
+                        batch=a.batch,
+                        seq=t,
+                        chunk=c or a.chunks[0],
+                        variant=v,
+                        iters=a.iters,
+                    )
                     r = run_in_subprocess(__file__, cfg)
                     if v == "plain":
                         r["chunk"] = None
@@ -133,17 +144,31 @@ def main() -> None:
     env = environment()
     command = "python " + " ".join(shlex.quote(s) for s in sys.argv)
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(environment=env, command=command, results=rows),
-                                          indent=1))
+        Path(a.out).write_text(
+            json.dumps(dict(environment=env, command=command, results=rows), indent=1)
+        )
     print(f"\n{env}\n`{command}`\n")
-    print(markdown_table(rows, [
-        ("model", "d x F"), ("batch", "B"), ("seq", "T"), ("chunk", "C"), ("variant", "variant"),
-        ("fwd_median_ms", "fwd ms"), ("fwdbwd_median_ms", "fwd+bwd ms"),
-        ("fwd_peak_gb", "fwd peak GB"), ("fwdbwd_peak_gb", "fwd+bwd peak GB"),
-        ("fwdbwd_temp_gb", "planned temp GB"), ("fwd_median_ms_x_plain", "fwd x plain"),
-        ("fwdbwd_median_ms_x_plain", "fwd+bwd x plain"),
-        ("fwdbwd_peak_gb_x_plain", "peak x plain"), ("error", "error"),
-    ]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("model", "d x F"),
+                ("batch", "B"),
+                ("seq", "T"),
+                ("chunk", "C"),
+                ("variant", "variant"),
+                ("fwd_median_ms", "fwd ms"),
+                ("fwdbwd_median_ms", "fwd+bwd ms"),
+                ("fwd_peak_gb", "fwd peak GB"),
+                ("fwdbwd_peak_gb", "fwd+bwd peak GB"),
+                ("fwdbwd_temp_gb", "planned temp GB"),
+                ("fwd_median_ms_x_plain", "fwd x plain"),
+                ("fwdbwd_median_ms_x_plain", "fwd+bwd x plain"),
+                ("fwdbwd_peak_gb_x_plain", "peak x plain"),
+                ("error", "error"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -55,23 +55,39 @@ def run_one(cfg: dict) -> dict:
         x = [jax.random.normal(keys[i], (b, t, H, D), jnp.bfloat16) for i in range(3)]
         eta = 0.01 * jax.nn.sigmoid(jax.random.normal(keys[3], (b, t, H)))
         f = 4 * D
-        w = {"W1": 0.02 * jax.random.normal(keys[4], (H, D, D if inner == "linear" else f)),
-             "b1": jnp.zeros((H, D if inner == "linear" else f))}
+        w = {
+            "W1": 0.02 * jax.random.normal(keys[4], (H, D, D if inner == "linear" else f)),
+            "b1": jnp.zeros((H, D if inner == "linear" else f)),
+        }
         if inner == "mlp":
             w |= {"W2": 0.02 * jax.random.normal(keys[5], (H, f, D)), "b2": jnp.zeros((H, D))}
         ln = {"ln_scale": jnp.ones((H, D)), "ln_bias": jnp.zeros((H, D))}
-        op = {("linear", "dual"): ttt_linear, ("linear", "primal"): ttt_linear_primal,
-              ("mlp", "dual"): ttt_mlp, ("mlp", "primal"): ttt_mlp_primal}[(inner, impl)]
+        op = {
+            ("linear", "dual"): ttt_linear,
+            ("linear", "primal"): ttt_linear_primal,
+            ("mlp", "dual"): ttt_mlp,
+            ("mlp", "primal"): ttt_mlp_primal,
+        }[(inner, impl)]
 
         def forward(q, k, v, eta, w):
-            return op(q, k, v, eta, **w, **ln, mini_batch_size=C, checkpoint_group=group,
-                      unroll=unroll)[0]
+            return op(
+                q, k, v, eta, **w, **ln, mini_batch_size=C, checkpoint_group=group, unroll=unroll
+            )[0]
 
         args = (*x, eta, w)
     else:
-        layer = TTTLayer(TTTConfig(d_model=H * D, num_heads=H, inner=inner, mini_batch_size=C,
-                                   checkpoint_group=group, unroll=unroll, precision=BF16),
-                         rngs=nnx.Rngs(0))
+        layer = TTTLayer(
+            TTTConfig(
+                d_model=H * D,
+                num_heads=H,
+                inner=inner,
+                mini_batch_size=C,
+                checkpoint_group=group,
+                unroll=unroll,
+                precision=BF16,
+            ),
+            rngs=nnx.Rngs(0),
+        )
         graphdef, params = nnx.split(layer, nnx.Param)
 
         def forward(params, x):
@@ -86,10 +102,16 @@ def run_one(cfg: dict) -> dict:
     fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
     planned = fwd_bwd.lower(*args).compile().memory_analysis()
     out = dict(cfg)
-    out["planned_peak_gb"] = (planned.argument_size_in_bytes + planned.output_size_in_bytes
-                              + planned.temp_size_in_bytes - planned.alias_size_in_bytes) / 1e9
+    out["planned_peak_gb"] = (
+        planned.argument_size_in_bytes
+        + planned.output_size_in_bytes
+        + planned.temp_size_in_bytes
+        - planned.alias_size_in_bytes
+    ) / 1e9
     out.update({f"fwd_{k}": v for k, v in time_jitted(fwd, *args, iters=cfg["iters"]).items()})
-    out.update({f"fwdbwd_{k}": v for k, v in time_jitted(fwd_bwd, *args, iters=cfg["iters"]).items()})
+    out.update(
+        {f"fwdbwd_{k}": v for k, v in time_jitted(fwd_bwd, *args, iters=cfg["iters"]).items()}
+    )
     pb = peak_bytes()
     out["peak_gb"] = None if pb is None else pb / 1e9
     return out
@@ -124,10 +146,22 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(dict(environment=env, results=rows), indent=1))
     print(f"\n{env}\n")
-    print(markdown_table(rows, [("inner", "inner"), ("batch", "B"), ("seq", "T"),
-                                ("variant", "variant"), ("fwd_median_ms", "fwd ms"),
-                                ("fwdbwd_median_ms", "fwd+bwd ms"), ("peak_gb", "peak GB"),
-                                ("planned_peak_gb", "planned GB"), ("error", "error")]))
+    print(
+        markdown_table(
+            rows,
+            [
+                ("inner", "inner"),
+                ("batch", "B"),
+                ("seq", "T"),
+                ("variant", "variant"),
+                ("fwd_median_ms", "fwd ms"),
+                ("fwdbwd_median_ms", "fwd+bwd ms"),
+                ("peak_gb", "peak GB"),
+                ("planned_peak_gb", "planned GB"),
+                ("error", "error"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,10 @@ def run_in_subprocess(script: str, config: dict, timeout: float = 600) -> dict:
     try:
         proc = subprocess.run(
             [sys.executable, script, "--one", json.dumps(config)],
-            capture_output=True, text=True, timeout=timeout, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         return dict(config, error=f"timeout after {timeout}s")
@@ -81,8 +84,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
             return f"{v:.2f}"
         return str(v)
 
-    lines = ["| " + " | ".join(h for _, h in columns) + " |",
-             "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |")
     return "\n".join(lines)

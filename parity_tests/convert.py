@@ -29,8 +29,10 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def state_to_torch(state, requires_grad: bool = False):
     """A JAX op state (`TTTLinearState` / `TTTMLPState`) as the reference's state dataclass."""
-    fields = {f.name: to_torch(getattr(state, f.name), requires_grad=requires_grad)
-              for f in dataclasses.fields(state)}
+    fields = {
+        f.name: to_torch(getattr(state, f.name), requires_grad=requires_grad)
+        for f in dataclasses.fields(state)
+    }
     cls = ttt_torch_ref.TTTLinearState if "W2" not in fields else ttt_torch_ref.TTTMLPState
     return cls(**fields)
 

@@ -27,8 +27,14 @@ def perturbed_layer(config, seed):
 @pytest.mark.parametrize("backbone", ["mamba", "transformer"])
 @pytest.mark.parametrize("inner,t,group", [("linear", 19, None), ("linear", 24, 2), ("mlp", 19, 2)])
 def test_layer_parity(backbone, inner, t, group):
-    config = TTTConfig(d_model=16, num_heads=2, inner=inner, mini_batch_size=8,
-                       backbone=backbone, checkpoint_group=group)
+    config = TTTConfig(
+        d_model=16,
+        num_heads=2,
+        inner=inner,
+        mini_batch_size=8,
+        backbone=backbone,
+        checkpoint_group=group,
+    )
     layer = perturbed_layer(config, seed=t)
     ref = ttt_layer_to_torch(layer)
     x = jax.random.normal(jax.random.PRNGKey(7), (2, t, 16))

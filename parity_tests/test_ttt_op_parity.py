@@ -21,21 +21,36 @@ B, H, D = 2, 2, 8
 def make_inputs(inner, t, c, seed, with_state):
     ks = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
     n = lambda shape, s=1.0: s * jax.random.normal(next(ks), shape)  # noqa: E731
-    x = {"q": n((B, t, H, D)), "k": n((B, t, H, D)), "v": n((B, t, H, D)),
-         "eta": 0.2 * jax.nn.sigmoid(n((B, t, H)))}
+    x = {
+        "q": n((B, t, H, D)),
+        "k": n((B, t, H, D)),
+        "v": n((B, t, H, D)),
+        "eta": 0.2 * jax.nn.sigmoid(n((B, t, H))),
+    }
     f = 4 * D
-    params = {"ln_scale": 1 + n((H, D), 0.1), "ln_bias": n((H, D), 0.1),
-              "token_scale": 1.0 / jnp.arange(1, c + 1) + n((c,), 0.05)}
+    params = {
+        "ln_scale": 1 + n((H, D), 0.1),
+        "ln_bias": n((H, D), 0.1),
+        "token_scale": 1.0 / jnp.arange(1, c + 1) + n((c,), 0.05),
+    }
     if inner == "linear":
         params |= {"W1": n((H, D, D), 0.2), "b1": n((H, D), 0.1)}
     else:
-        params |= {"W1": n((H, D, f), 0.2), "b1": n((H, f), 0.1),
-                   "W2": n((H, f, D), 0.2), "b2": n((H, D), 0.1)}
+        params |= {
+            "W1": n((H, D, f), 0.2),
+            "b1": n((H, f), 0.1),
+            "W2": n((H, f, D), 0.2),
+            "b2": n((H, D), 0.1),
+        }
     state = None
     if with_state:
         cls = TTTLinearState if inner == "linear" else TTTMLPState
-        state = cls(**{k: params[k][None] + n((B, *params[k].shape), 0.05)
-                       for k in (("W1", "b1") if inner == "linear" else ("W1", "b1", "W2", "b2"))})
+        state = cls(
+            **{
+                k: params[k][None] + n((B, *params[k].shape), 0.05)
+                for k in (("W1", "b1") if inner == "linear" else ("W1", "b1", "W2", "b2"))
+            }
+        )
     return x, params, state
 
 
@@ -43,8 +58,13 @@ def probes(seed, out_shape, state):
     """Random cotangents so every output and state element enters the gradient."""
     ks = jax.random.split(jax.random.PRNGKey(seed + 100), 8)
     r_out = jax.random.normal(ks[0], out_shape)
-    r_state = jax.tree.map(lambda a, k: jax.random.normal(k, a.shape), state,
-                           jax.tree.unflatten(jax.tree.structure(state), list(ks[1:1 + len(jax.tree.leaves(state))])))
+    r_state = jax.tree.map(
+        lambda a, k: jax.random.normal(k, a.shape),
+        state,
+        jax.tree.unflatten(
+            jax.tree.structure(state), list(ks[1 : 1 + len(jax.tree.leaves(state))])
+        ),
+    )
     return r_out, r_state
 
 
@@ -69,17 +89,29 @@ def test_op_parity(inner, t, c, group, with_state):
     # --- JAX: outputs, state, gradients of <r_out, o> + <r_state, state>.
     def run(x, params, state0):
         kw = {k: params[k] for k in weight_names}
-        return jax_op(x["q"], x["k"], x["v"], x["eta"], **kw, ln_scale=params["ln_scale"],
-                      ln_bias=params["ln_bias"], mini_batch_size=c,
-                      token_scale=params["token_scale"], initial_state=state0,
-                      checkpoint_group=group)
+        return jax_op(
+            x["q"],
+            x["k"],
+            x["v"],
+            x["eta"],
+            **kw,
+            ln_scale=params["ln_scale"],
+            ln_bias=params["ln_bias"],
+            mini_batch_size=c,
+            token_scale=params["token_scale"],
+            initial_state=state0,
+            checkpoint_group=group,
+        )
 
     o, s = run(x, params, state0)
     r_out, r_state = probes(t, o.shape, s)
 
     def objective(x, params, state0):
         o, s = run(x, params, state0)
-        return jnp.sum(o * r_out) + sum(jnp.sum(a * r) for a, r in zip(jax.tree.leaves(s), jax.tree.leaves(r_state)))
+        return jnp.sum(o * r_out) + sum(
+            jnp.sum(a * r)
+            for a, r in zip(jax.tree.leaves(s), jax.tree.leaves(r_state), strict=True)
+        )
 
     gx, gp, gs = jax.grad(objective, argnums=(0, 1, 2))(x, params, state0)
 
@@ -87,19 +119,37 @@ def test_op_parity(inner, t, c, group, with_state):
     tx = {k: to_torch(v, requires_grad=True) for k, v in x.items()}
     tp = {k: to_torch(v, requires_grad=True) for k, v in params.items()}
     ts0 = state_to_torch(state0, requires_grad=True) if state0 is not None else None
-    to, tstate = ref_op(tx["q"], tx["k"], tx["v"], tx["eta"], **{k: tp[k] for k in weight_names},
-                        ln_scale=tp["ln_scale"], ln_bias=tp["ln_bias"], mini_batch_size=c,
-                        token_scale=tp["token_scale"], initial_state=ts0)
+    to, tstate = ref_op(
+        tx["q"],
+        tx["k"],
+        tx["v"],
+        tx["eta"],
+        **{k: tp[k] for k in weight_names},
+        ln_scale=tp["ln_scale"],
+        ln_bias=tp["ln_bias"],
+        mini_batch_size=c,
+        token_scale=tp["token_scale"],
+        initial_state=ts0,
+    )
     state_names = [f for f in ("W1", "b1", "W2", "b2") if hasattr(tstate, f)]
     obj = (to * to_torch(r_out)).sum() + sum(
-        (getattr(tstate, n) * to_torch(getattr(r_state, n))).sum() for n in state_names)
-    leaves = list(tx.values()) + list(tp.values()) + ([getattr(ts0, n) for n in state_names] if ts0 else [])
+        (getattr(tstate, n) * to_torch(getattr(r_state, n))).sum() for n in state_names
+    )
+    leaves = (
+        list(tx.values())
+        + list(tp.values())
+        + ([getattr(ts0, n) for n in state_names] if ts0 else [])
+    )
     grads = torch.autograd.grad(obj, leaves, allow_unused=True)
 
     assert rel_err(o, to_numpy(to)) <= OP_TOL
     for n in state_names:
         assert rel_err(getattr(s, n), to_numpy(getattr(tstate, n))) <= OP_TOL, n
-    jax_grads = [gx[k] for k in tx] + [gp[k] for k in tp] + ([getattr(gs, n) for n in state_names] if ts0 else [])
+    jax_grads = (
+        [gx[k] for k in tx]
+        + [gp[k] for k in tp]
+        + ([getattr(gs, n) for n in state_names] if ts0 else [])
+    )
     names = list(tx) + list(tp) + ([f"initial_state.{n}" for n in state_names] if ts0 else [])
     for name, gj, gt in zip(names, jax_grads, grads, strict=True):
         gt = np.zeros(gj.shape) if gt is None else to_numpy(gt)
@@ -118,13 +168,26 @@ def test_op_parity_bf16_gpu(inner):
     ref_op = ttt_torch_ref.ttt_linear if inner == "linear" else ttt_torch_ref.ttt_mlp
     kw = {k: params[k] for k in params if k[0] in "Wb"}
     xb = {k: (v.astype(jnp.bfloat16) if k != "eta" else v) for k, v in x.items()}
-    o, s = jax_op(xb["q"], xb["k"], xb["v"], xb["eta"], **kw, ln_scale=params["ln_scale"],
-                  ln_bias=params["ln_bias"], mini_batch_size=16, token_scale=params["token_scale"])
+    o, s = jax_op(
+        xb["q"],
+        xb["k"],
+        xb["v"],
+        xb["eta"],
+        **kw,
+        ln_scale=params["ln_scale"],
+        ln_bias=params["ln_bias"],
+        mini_batch_size=16,
+        token_scale=params["token_scale"],
+    )
     assert o.dtype == jnp.bfloat16 and s.W1.dtype == jnp.float32
     with torch.no_grad():
-        to, ts = ref_op(*(to_torch(x[k]) for k in ("q", "k", "v", "eta")),
-                        **{k: to_torch(v) for k, v in kw.items()},
-                        ln_scale=to_torch(params["ln_scale"]), ln_bias=to_torch(params["ln_bias"]),
-                        mini_batch_size=16, token_scale=to_torch(params["token_scale"]))
+        to, ts = ref_op(
+            *(to_torch(x[k]) for k in ("q", "k", "v", "eta")),
+            **{k: to_torch(v) for k, v in kw.items()},
+            ln_scale=to_torch(params["ln_scale"]),
+            ln_bias=to_torch(params["ln_bias"]),
+            mini_batch_size=16,
+            token_scale=to_torch(params["token_scale"]),
+        )
     assert rel_err(o.astype(jnp.float32), to_numpy(to)) <= GPU_BF16_TOL
     assert rel_err(s.W1, to_numpy(ts.W1)) <= GPU_BF16_TOL

@@ -51,19 +51,23 @@ def test_matches_lax_scan(knobs):
 
 
 def test_empty_scan():
-    carry, ys = chunked_scan(step, (jnp.eye(3), jnp.float32(0)), jnp.zeros((0, 3)),
-                             checkpoint_group=2)
+    carry, ys = chunked_scan(
+        step, (jnp.eye(3), jnp.float32(0)), jnp.zeros((0, 3)), checkpoint_group=2
+    )
     assert ys.shape == (0, 3)
 
 
-@pytest.mark.parametrize("knobs,match", [
-    ({"checkpoint_group": 0}, "checkpoint_group must be a positive int, got 0"),
-    ({"checkpoint_group": 2.0}, "checkpoint_group must be a positive int"),
-    ({"remat_policy": "dots"}, "needs checkpoint_group"),
-    ({"checkpoint_group": 2, "remat_policy": "fancy"}, "valid: none, full, dots"),
-    ({"checkpoint_group": 2, "remat_policy": "save_names:"}, "names no values"),
-    ({"unroll": 0}, "unroll must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "knobs,match",
+    [
+        ({"checkpoint_group": 0}, "checkpoint_group must be a positive int, got 0"),
+        ({"checkpoint_group": 2.0}, "checkpoint_group must be a positive int"),
+        ({"remat_policy": "dots"}, "needs checkpoint_group"),
+        ({"checkpoint_group": 2, "remat_policy": "fancy"}, "valid: none, full, dots"),
+        ({"checkpoint_group": 2, "remat_policy": "save_names:"}, "names no values"),
+        ({"unroll": 0}, "unroll must be a positive int"),
+    ],
+)
 def test_bad_knobs(knobs, match):
     with pytest.raises(ValueError, match=match):
         chunked_scan(step, (jnp.eye(3), jnp.float32(0)), jnp.zeros((4, 3)), **knobs)

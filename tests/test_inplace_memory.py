@@ -56,8 +56,17 @@ def packed_ids(t):
 def op(packed=False, **kw):
     def fn(z, target, w_down, w_target, conv_kernel, eta):
         seg = packed_ids(z.shape[1]) if packed else None
-        return inplace_ttt(z, target, w_down=w_down, w_target=w_target, conv_kernel=conv_kernel,
-                           eta=eta, chunk_size=C, segment_ids=seg, **kw)[0]
+        return inplace_ttt(
+            z,
+            target,
+            w_down=w_down,
+            w_target=w_target,
+            conv_kernel=conv_kernel,
+            eta=eta,
+            chunk_size=C,
+            segment_ids=seg,
+            **kw,
+        )[0]
 
     return fn
 
@@ -74,8 +83,14 @@ FORMS = {
 def abstract_args(t):
     s = jax.ShapeDtypeStruct
     f32 = jnp.float32
-    return (s((Bn, t, F), f32), s((Bn, t, D), f32), s((D, F), f32), s((D, D), f32),
-            s((5, D), f32), s((), f32))
+    return (
+        s((Bn, t, F), f32),
+        s((Bn, t, D), f32),
+        s((D, F), f32),
+        s((D, D), f32),
+        s((5, D), f32),
+        s((), f32),
+    )
 
 
 @functools.cache

@@ -42,10 +42,21 @@ def learned(model, seed=2):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("d_model", 0), ("d_ff", -1), ("chunk_size", 2.0), ("conv_mode", "causal"),
-     ("target_source", "output"), ("activation", "relu"), ("eta", float("nan")),
-     ("clip_tau", 0.0), ("ttt", 1), ("prefix", "tree"), ("backward", "manual"),
-     ("checkpoint_group", 0), ("remat_policy", "bogus")],
+    [
+        ("d_model", 0),
+        ("d_ff", -1),
+        ("chunk_size", 2.0),
+        ("conv_mode", "causal"),
+        ("target_source", "output"),
+        ("activation", "relu"),
+        ("eta", float("nan")),
+        ("clip_tau", 0.0),
+        ("ttt", 1),
+        ("prefix", "tree"),
+        ("backward", "manual"),
+        ("checkpoint_group", 0),
+        ("remat_policy", "bogus"),
+    ],
 )
 def test_config_errors_name_the_field_and_value(field, value):
     with pytest.raises(ValueError, match=field) as err:
@@ -58,8 +69,10 @@ def test_every_param_has_logical_axis_names_and_the_official_init():
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     # flax 0.12 keeps `sharding_names=` under `out_sharding`; older releases kept the name.
     meta = {k: v.get_metadata() for k, v in params.items()}
-    axes = {k: m["out_sharding"] if "out_sharding" in m else m["sharding_names"]
-            for k, m in meta.items()}
+    axes = {
+        k: m["out_sharding"] if "out_sharding" in m else m["sharding_names"]
+        for k, m in meta.items()
+    }
     shapes = {k: v[...].shape for k, v in params.items()}
     want = {
         ("w_gate",): (("embed", "mlp"), (D, F)),
@@ -110,8 +123,15 @@ def test_layer_is_the_op_on_its_hidden_activations_and_targets(source):
     model = learned(make(target_source=source))
     z = model.hidden(x)
     target = emb if source == "embeddings" else x
-    want, _ = inplace_ttt(z, target, w_down=model.w_down[...], w_target=model.ttt_proj[...],
-                          conv_kernel=model.ttt_conv[...], eta=0.5, chunk_size=C)
+    want, _ = inplace_ttt(
+        z,
+        target,
+        w_down=model.w_down[...],
+        w_target=model.ttt_proj[...],
+        conv_kernel=model.ttt_conv[...],
+        eta=0.5,
+        chunk_size=C,
+    )
     got = model(x, emb if source == "embeddings" else None)
     np.testing.assert_array_equal(got, want)
     assert rel_err(got, make(ttt=False)(x)) > 1e-2  # it does learn something
@@ -146,9 +166,15 @@ def test_prefill_then_token_by_token_decode_equals_one_call(t0):
         y_t, cache = decode(state, x[:, t : t + 1], emb[:, t : t + 1], cache)
         outs.append(y_t)
     assert rel_err(jnp.concatenate(outs, 1), want) <= 1e-5
-    _, s_want = inplace_ttt(model.hidden(x), emb, w_down=model.w_down[...],
-                            w_target=model.ttt_proj[...], conv_kernel=model.ttt_conv[...],
-                            eta=0.5, chunk_size=C)
+    _, s_want = inplace_ttt(
+        model.hidden(x),
+        emb,
+        w_down=model.w_down[...],
+        w_target=model.ttt_proj[...],
+        conv_kernel=model.ttt_conv[...],
+        eta=0.5,
+        chunk_size=C,
+    )
     assert rel_err(cache.w, s_want.w_down) <= 1e-5
     assert int(cache.count) == x.shape[1] % C
 

@@ -65,8 +65,21 @@ def ref_conv(x, kernel, mode):
     return sum(kernel[j][None] * xp[j : j + n] for j in range(k))
 
 
-def reference(z, target, w_down, w_target, conv_kernel, eta, *, chunk_size, conv_mode="centered",
-              clip_tau=None, segment_ids=None, w_init=None, inclusive=False):
+def reference(
+    z,
+    target,
+    w_down,
+    w_target,
+    conv_kernel,
+    eta,
+    *,
+    chunk_size,
+    conv_mode="centered",
+    clip_tau=None,
+    segment_ids=None,
+    w_init=None,
+    inclusive=False,
+):
     """Per sample, per document, per chunk: `O = Z W^T`, then `W += eta * clip(V^T Z)` on
     complete chunks. `inclusive=True` is the leaking bug (a chunk reads its own update)."""
     outs, finals = [], []
@@ -81,8 +94,12 @@ def reference(z, target, w_down, w_target, conv_kernel, eta, *, chunk_size, conv
                 zc = z[b, c0:c1]
                 delta = None
                 if c1 - c0 == chunk_size:
-                    v = jnp.einsum("cd,de->ce", ref_conv(target[b, c0:c1], conv_kernel, conv_mode),
-                                   w_target, precision=HI)
+                    v = jnp.einsum(
+                        "cd,de->ce",
+                        ref_conv(target[b, c0:c1], conv_kernel, conv_mode),
+                        w_target,
+                        precision=HI,
+                    )
                     delta = jnp.einsum("cd,cf->df", v, zc, precision=HI)
                     if clip_tau is not None:
                         delta = delta * jnp.minimum(1.0, clip_tau / jnp.sqrt(jnp.sum(delta**2)))
@@ -96,18 +113,31 @@ def reference(z, target, w_down, w_target, conv_kernel, eta, *, chunk_size, conv
     return jnp.stack(outs), jnp.stack(finals)
 
 
-STATIC = ("chunk_size", "conv_mode", "clip_tau", "prefix", "backward", "checkpoint_group",
-          "remat_policy")
+STATIC = (
+    "chunk_size",
+    "conv_mode",
+    "clip_tau",
+    "prefix",
+    "backward",
+    "checkpoint_group",
+    "remat_policy",
+)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
 def _jit_op(inputs, eta, segment_ids, chunk_size=C, **static):
     w_init = inputs.get("w_init")
     return inplace_ttt(
-        inputs["z"], inputs["target"], w_down=inputs["w_down"], w_target=inputs["w_target"],
-        conv_kernel=inputs["conv_kernel"], eta=eta, chunk_size=chunk_size,
+        inputs["z"],
+        inputs["target"],
+        w_down=inputs["w_down"],
+        w_target=inputs["w_target"],
+        conv_kernel=inputs["conv_kernel"],
+        eta=eta,
+        chunk_size=chunk_size,
         segment_ids=segment_ids,
-        initial_state=None if w_init is None else InPlaceState(w_down=w_init), **static,
+        initial_state=None if w_init is None else InPlaceState(w_down=w_init),
+        **static,
     )
 
 
@@ -132,9 +162,11 @@ def test_forward_and_state_match_reference_for_every_implementation(conv_mode, k
     inputs = make_inputs(k=k)
     o_ref, w_ref = run_ref(inputs, conv_mode=conv_mode, clip_tau=clip_tau)
     for prefix, backward in IMPLS:
-        o, s = jax.jit(functools.partial(
-            run_op, conv_mode=conv_mode, clip_tau=clip_tau, prefix=prefix, backward=backward
-        ))(inputs)
+        o, s = jax.jit(
+            functools.partial(
+                run_op, conv_mode=conv_mode, clip_tau=clip_tau, prefix=prefix, backward=backward
+            )
+        )(inputs)
         assert o.shape == (Bn, T, D) and o.dtype == jnp.float32
         assert s.w_down.shape == (Bn, D, F) and s.w_down.dtype == jnp.float32
         assert rel_err(o, o_ref) <= 1e-5, (prefix, backward)
@@ -172,8 +204,9 @@ def test_packed_documents_equal_each_document_alone():
         assert rel_err(s.w_down[b : b + 1], s_doc.w_down) <= 1e-5, b
     o_ref, w_ref = run_ref(inputs, segment_ids=SEGMENTS)
     for prefix, backward in IMPLS:
-        o, s = jax.jit(functools.partial(
-            run_op, segment_ids=seg, prefix=prefix, backward=backward))(inputs)
+        o, s = jax.jit(
+            functools.partial(run_op, segment_ids=seg, prefix=prefix, backward=backward)
+        )(inputs)
         assert rel_err(o, o_ref) <= 1e-5 and rel_err(s.w_down, w_ref) <= 1e-5, (prefix, backward)
 
 
@@ -210,7 +243,9 @@ def test_padding_never_changes_outputs_or_state():
     for t in (C - 1, 3 * C + 3):
         cut = dict(inputs, z=inputs["z"][:, :t], target=inputs["target"][:, :t])
         o, s = run_op(cut)
-        whole = dict(inputs, z=inputs["z"][:, : t // C * C], target=inputs["target"][:, : t // C * C])
+        whole = dict(
+            inputs, z=inputs["z"][:, : t // C * C], target=inputs["target"][:, : t // C * C]
+        )
         _, s_whole = run_op(whole)
         assert rel_err(o, o_long[:, :t]) <= 1e-6
         np.testing.assert_array_equal(s.w_down, s_whole.w_down)
@@ -249,8 +284,12 @@ def test_gradients_of_every_implementation_equal_the_reference(packed):
     g_ref = grads_of(lambda p, e: run_ref(p, e, clip_tau=TAU, **seg), inputs)
     seg = dict(segment_ids=jnp.asarray(SEGMENTS)) if packed else {}
     for prefix, backward in IMPLS:
-        g = grads_of(lambda p, e, pr=prefix, bw=backward: run_op(
-            p, e, clip_tau=TAU, prefix=pr, backward=bw, **seg), inputs)
+        g = grads_of(
+            lambda p, e, pr=prefix, bw=backward: run_op(
+                p, e, clip_tau=TAU, prefix=pr, backward=bw, **seg
+            ),
+            inputs,
+        )
         for key in GRAD_KEYS:
             if key == "w_down" and not packed:
                 # w_init replaces w_down for the only document: no gradient either way.
@@ -277,30 +316,41 @@ def test_custom_backward_equals_autodiff_under_checkpoint_and_inside_scan():
     inputs = make_inputs(seed=6, t=3 * C)
     del inputs["w_init"]
     layers = 2
-    stacked = {k: jnp.stack([inputs[k], 1.1 * inputs[k]]) for k in ("w_down", "w_target",
-                                                                    "conv_kernel")}
+    stacked = {
+        k: jnp.stack([inputs[k], 1.1 * inputs[k]]) for k in ("w_down", "w_target", "conv_kernel")
+    }
     stacked["eta"] = jnp.array([ETA, 0.5 * ETA])
     ct = jax.random.normal(jax.random.key(11), (Bn, 3 * C, D))
 
     def loss(params, backward, remat):
         def layer(z, p):
             def apply(z, p):
-                o, _ = inplace_ttt(z, inputs["target"], w_down=p["w_down"], w_target=p["w_target"],
-                                   conv_kernel=p["conv_kernel"], eta=p["eta"], chunk_size=C,
-                                   backward=backward)
+                o, _ = inplace_ttt(
+                    z,
+                    inputs["target"],
+                    w_down=p["w_down"],
+                    w_target=p["w_target"],
+                    conv_kernel=p["conv_kernel"],
+                    eta=p["eta"],
+                    chunk_size=C,
+                    backward=backward,
+                )
                 # Map back to F features so that the next layer's z depends on this one.
                 return jnp.tanh(jnp.einsum("btd,df->btf", o, p["w_down"], precision=HI))
 
             fn = jax.checkpoint(apply) if remat else apply
             return fn(z, p), None
 
-        z, _ = jax.lax.scan(layer, params["z"], {k: v for k, v in params.items() if k != "z"},
-                            length=layers)
+        z, _ = jax.lax.scan(
+            layer, params["z"], {k: v for k, v in params.items() if k != "z"}, length=layers
+        )
         return jnp.sum(z[..., :D] * ct)
 
     params = dict(stacked, z=inputs["z"])
     for remat in (False, True):
-        g_auto = jax.jit(jax.grad(functools.partial(loss, backward="autodiff", remat=remat)))(params)
+        g_auto = jax.jit(jax.grad(functools.partial(loss, backward="autodiff", remat=remat)))(
+            params
+        )
         g_cust = jax.jit(jax.grad(functools.partial(loss, backward="custom", remat=remat)))(params)
         for key in params:
             assert rel_err(g_cust[key], g_auto[key]) <= 1e-5, (remat, key)
@@ -309,9 +359,11 @@ def test_custom_backward_equals_autodiff_under_checkpoint_and_inside_scan():
 def test_memory_knobs_do_not_change_gradients():
     inputs = make_inputs(seed=7, t=5 * C)
     g0 = grads_of(lambda p, e: run_op(p, e, backward="autodiff"), inputs)
-    cases = [("autodiff", dict(checkpoint_group=2, remat_policy="dots")),
-             ("autodiff", dict(checkpoint_group=3, remat_policy="save_names:inplace_delta")),
-             ("custom", dict(checkpoint_group=2, remat_policy="dots"))]
+    cases = [
+        ("autodiff", dict(checkpoint_group=2, remat_policy="dots")),
+        ("autodiff", dict(checkpoint_group=3, remat_policy="save_names:inplace_delta")),
+        ("custom", dict(checkpoint_group=2, remat_policy="dots")),
+    ]
     for backward, knobs in cases:
         g = grads_of(lambda p, e, kn=knobs, bw=backward: run_op(p, e, backward=bw, **kn), inputs)
         for key in GRAD_KEYS:
@@ -343,21 +395,33 @@ def test_no_output_sees_its_own_or_a_later_chunk_and_the_inclusive_prefix_would(
     t, d, f = 3 * C, 3, 4
     z = jax.random.normal(ks[0], (1, t, f))
     target = jax.random.normal(ks[1], (1, t, d))
-    params = dict(w_down=jax.random.normal(ks[2], (d, f)),
-                  w_target=jax.random.normal(ks[3], (d, d)),
-                  conv_kernel=jax.random.normal(ks[4], (5, d)))
+    params = dict(
+        w_down=jax.random.normal(ks[2], (d, f)),
+        w_target=jax.random.normal(ks[3], (d, d)),
+        conv_kernel=jax.random.normal(ks[4], (5, d)),
+    )
     for prefix, backward in IMPLS:
+
         def op(z, target, pr=prefix, bw=backward):
-            return inplace_ttt(z, target, eta=0.5, chunk_size=C, prefix=pr, backward=bw,
-                               **params)[0]
+            return inplace_ttt(z, target, eta=0.5, chunk_size=C, prefix=pr, backward=bw, **params)[
+                0
+            ]
 
         bad, allowed = forbidden_influence(op, z, target)
         assert bad == 0.0, (prefix, backward, bad)
         assert allowed > 1e-2, (prefix, backward, allowed)
 
     def inclusive(z, target):
-        return reference(z, target, params["w_down"], params["w_target"], params["conv_kernel"],
-                         0.5, chunk_size=C, inclusive=True)[0]
+        return reference(
+            z,
+            target,
+            params["w_down"],
+            params["w_target"],
+            params["conv_kernel"],
+            0.5,
+            chunk_size=C,
+            inclusive=True,
+        )[0]
 
     bad, _ = forbidden_influence(inclusive, z, target)
     assert bad > 1e-2, bad
@@ -408,8 +472,13 @@ def bad_cases():
 @pytest.mark.parametrize("name,override", list(bad_cases()), ids=lambda x: str(x)[:20])
 def test_bad_arguments_raise_value_errors_naming_them_before_tracing(name, override):
     inputs = make_inputs()
-    kwargs = dict(w_down=inputs["w_down"], w_target=inputs["w_target"],
-                  conv_kernel=inputs["conv_kernel"], eta=ETA, chunk_size=C)
+    kwargs = dict(
+        w_down=inputs["w_down"],
+        w_target=inputs["w_target"],
+        conv_kernel=inputs["conv_kernel"],
+        eta=ETA,
+        chunk_size=C,
+    )
     kwargs.update(override)
     z, target = inputs["z"], kwargs.pop("target", inputs["target"])
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from ttt_jax.layers import BF16, TTTConfig, TTTLayer, TTTLinear, TTTMLP
+from ttt_jax.layers import BF16, TTTMLP, TTTConfig, TTTLayer, TTTLinear
 from ttt_jax.testing import rel_err
 
 
@@ -72,8 +72,9 @@ def test_remat_knobs_do_not_change_gradients():
     x = jax.random.normal(jax.random.PRNGKey(1), (1, 24, 16))
 
     def grads(**kw):
-        layer = TTTLayer(TTTConfig(d_model=16, num_heads=2, mini_batch_size=4, **kw),
-                         rngs=nnx.Rngs(0))
+        layer = TTTLayer(
+            TTTConfig(d_model=16, num_heads=2, mini_batch_size=4, **kw), rngs=nnx.Rngs(0)
+        )
         graphdef, params = nnx.split(layer, nnx.Param)
         return jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x) ** 2))(params)
 
@@ -83,15 +84,21 @@ def test_remat_knobs_do_not_change_gradients():
             assert rel_err(a, b) <= 1e-6
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(d_model=30, num_heads=4), "TTTConfig.d_model=30 is not divisible by num_heads=4"),
-    (dict(d_model=12, num_heads=4), "head_dim=3 must be even"),
-    (dict(d_model=16, num_heads=2, inner="gru"), "TTTConfig.inner='gru' is not one of"),
-    (dict(d_model=16, num_heads=2, backbone="rnn"), "TTTConfig.backbone='rnn' is not one of"),
-    (dict(d_model=16, num_heads=2, mini_batch_size=0), "TTTConfig.mini_batch_size must be a positive int"),
-    (dict(d_model=16, num_heads=2, remat_policy="dots"), "needs checkpoint_group"),
-    (dict(d_model=16, num_heads=2, base_lr=0.0), "TTTConfig.base_lr=0.0 must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(d_model=30, num_heads=4), "TTTConfig.d_model=30 is not divisible by num_heads=4"),
+        (dict(d_model=12, num_heads=4), "head_dim=3 must be even"),
+        (dict(d_model=16, num_heads=2, inner="gru"), "TTTConfig.inner='gru' is not one of"),
+        (dict(d_model=16, num_heads=2, backbone="rnn"), "TTTConfig.backbone='rnn' is not one of"),
+        (
+            dict(d_model=16, num_heads=2, mini_batch_size=0),
+            "TTTConfig.mini_batch_size must be a positive int",
+        ),
+        (dict(d_model=16, num_heads=2, remat_policy="dots"), "needs checkpoint_group"),
+        (dict(d_model=16, num_heads=2, base_lr=0.0), "TTTConfig.base_lr=0.0 must be > 0"),
+    ],
+)
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TTTConfig(**kwargs)

@@ -18,13 +18,31 @@ def fwd_bwd_temp_bytes(t: int, checkpoint_group, dtype=jnp.float32) -> int:
         return jax.ShapeDtypeStruct(shape, dt)
 
     def loss(q, k, v, eta, w1, b1, s, b):
-        o, _ = ttt_linear(q, k, v, eta, W1=w1, b1=b1, ln_scale=s, ln_bias=b,
-                          mini_batch_size=C, checkpoint_group=checkpoint_group)
+        o, _ = ttt_linear(
+            q,
+            k,
+            v,
+            eta,
+            W1=w1,
+            b1=b1,
+            ln_scale=s,
+            ln_bias=b,
+            mini_batch_size=C,
+            checkpoint_group=checkpoint_group,
+        )
         return jnp.sum(o.astype(jnp.float32))
 
     f32 = jnp.float32
-    args = (sds((B, t, H, D)), sds((B, t, H, D)), sds((B, t, H, D)), sds((B, t, H), f32),
-            sds((H, D, D), f32), sds((H, D), f32), sds((H, D), f32), sds((H, D), f32))
+    args = (
+        sds((B, t, H, D)),
+        sds((B, t, H, D)),
+        sds((B, t, H, D)),
+        sds((B, t, H), f32),
+        sds((H, D, D), f32),
+        sds((H, D), f32),
+        sds((H, D), f32),
+        sds((H, D), f32),
+    )
     compiled = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(*args).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -36,7 +54,9 @@ def temps():
 
 def test_checkpoint_group_4_at_most_40_percent(temps):
     ratio = temps[(8192, 4)] / temps[(8192, None)]
-    print(f"temp bytes: no remat {temps[(8192, None)]:,}, G=4 {temps[(8192, 4)]:,}, ratio {ratio:.3f}")
+    print(
+        f"temp bytes: no remat {temps[(8192, None)]:,}, G=4 {temps[(8192, 4)]:,}, ratio {ratio:.3f}"
+    )
     assert ratio <= 0.40
 
 

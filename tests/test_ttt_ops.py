@@ -19,14 +19,22 @@ B, H, D = 2, 3, 8
 def inputs(inner, t, seed=0, dtype=jnp.float32):
     ks = iter(jax.random.split(jax.random.PRNGKey(seed), 12))
     n = lambda shape, s=1.0: s * jax.random.normal(next(ks), shape)  # noqa: E731
-    x = dict(q=n((B, t, H, D)).astype(dtype), k=n((B, t, H, D)).astype(dtype),
-             v=n((B, t, H, D)).astype(dtype), eta=0.2 * jax.nn.sigmoid(n((B, t, H))))
+    x = dict(
+        q=n((B, t, H, D)).astype(dtype),
+        k=n((B, t, H, D)).astype(dtype),
+        v=n((B, t, H, D)).astype(dtype),
+        eta=0.2 * jax.nn.sigmoid(n((B, t, H))),
+    )
     p = dict(ln_scale=1 + n((H, D), 0.1), ln_bias=n((H, D), 0.1))
     if inner == "linear":
         p |= dict(W1=n((H, D, D), 0.2), b1=n((H, D), 0.1))
     else:
-        p |= dict(W1=n((H, D, 4 * D), 0.2), b1=n((H, 4 * D), 0.1),
-                  W2=n((H, 4 * D, D), 0.2), b2=n((H, D), 0.1))
+        p |= dict(
+            W1=n((H, D, 4 * D), 0.2),
+            b1=n((H, 4 * D), 0.1),
+            W2=n((H, 4 * D, D), 0.2),
+            b2=n((H, D), 0.1),
+        )
     return x, p
 
 
@@ -97,6 +105,7 @@ def test_gradients_identical_for_every_knob(inner):
         def loss(x, p):
             o, s = call(inner, x, p, mini_batch_size=4, **kw)
             return jnp.sum(o * o) + jnp.sum(s.W1)
+
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, p)
 
     ref = jax.tree.leaves(grads())
@@ -138,7 +147,10 @@ def test_jit_and_vmap_compose():
 
 
 BAD = [
-    (dict(q=jnp.zeros((2, 16, 3))), "q must have rank 4 with shape (B, T, H, D), got shape (2, 16, 3)"),
+    (
+        dict(q=jnp.zeros((2, 16, 3))),
+        "q must have rank 4 with shape (B, T, H, D), got shape (2, 16, 3)",
+    ),
     (dict(k=jnp.zeros((2, 16, 3, 4))), "k has shape (2, 16, 3, 4) but q gives D=8"),
     (dict(v=jnp.zeros((2, 15, 3, 8))), "v has shape (2, 15, 3, 8) but q gives T=16"),
     (dict(eta=jnp.zeros((2, 16, 2))), "eta has shape (2, 16, 2) but q gives H=3"),
@@ -149,8 +161,10 @@ BAD = [
     (dict(token_scale=jnp.ones(4)), "token_scale has shape (4,) but expected (8,)"),
     (dict(q=jnp.zeros((2, 16, 3, 8), jnp.int32)), "q must have a floating dtype, got int32"),
     (dict(k=jnp.zeros((2, 16, 3, 8), jnp.bfloat16)), "q, k, v must share a dtype"),
-    (dict(initial_state=TTTLinearState(W1=jnp.zeros((3, 3, 8, 8)), b1=jnp.zeros((3, 3, 8)))),
-     "initial_state.W1 has shape (3, 3, 8, 8) but q gives B=2"),
+    (
+        dict(initial_state=TTTLinearState(W1=jnp.zeros((3, 3, 8, 8)), b1=jnp.zeros((3, 3, 8)))),
+        "initial_state.W1 has shape (3, 3, 8, 8) but q gives B=2",
+    ),
     (dict(checkpoint_group=-1), "checkpoint_group must be a positive int, got -1"),
     (dict(checkpoint_group=2, remat_policy="everything"), "is not a known policy"),
 ]

@@ -4,11 +4,6 @@ Written independently of `ttt_jax` and never imported by it; only `parity_tests/
 """
 
 # Ops (primal form) and their per-sample fast-weight states.
-from .ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
-
-# The layer around the ops.
-from .ttt_layer import TTTLayerConfigRef, TTTLayerRef
-
 # In-Place TTT (SPEC 3.3): op, state and the SwiGLU layer around it.
 from .inplace_ttt import (
     InPlaceMLPConfigRef,
@@ -27,6 +22,10 @@ from .npt import (
     npt_rank_k_linear,
     npt_rank_k_linear_materialised,
 )
+from .ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
+
+# The layer around the ops.
+from .ttt_layer import TTTLayerConfigRef, TTTLayerRef
 
 __all__ = [
     "InPlaceMLPConfigRef",

@@ -4,7 +4,7 @@ from ttt_jax.layers.common import BF16, FP32, MixedPrecision
 from ttt_jax.layers.inplace_mlp import InPlaceCache, InPlaceMLP, InPlaceMLPConfig
 from ttt_jax.layers.npt_block import NPTBlock, NPTBlockConfig
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
-from ttt_jax.layers.ttt_layer import TTTCache, TTTConfig, TTTLayer, TTTLinear, TTTMLP
+from ttt_jax.layers.ttt_layer import TTTMLP, TTTCache, TTTConfig, TTTLayer, TTTLinear
 
 __all__ = [
     "BF16",

@@ -85,22 +85,29 @@ class InPlaceMLPConfig:
                     f"InPlaceMLPConfig.{field} must be a positive int, got {getattr(self, field)!r}"
                 )
         choices = {
-            "conv_mode": tuple(CONV_KERNEL_SIZES), "target_source": TARGET_SOURCES,
-            "activation": tuple(ACTIVATIONS), "prefix": PREFIXES, "backward": BACKWARDS,
+            "conv_mode": tuple(CONV_KERNEL_SIZES),
+            "target_source": TARGET_SOURCES,
+            "activation": tuple(ACTIVATIONS),
+            "prefix": PREFIXES,
+            "backward": BACKWARDS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(
                     f"InPlaceMLPConfig.{field}={getattr(self, field)!r} is not one of {allowed}"
                 )
-        if isinstance(self.eta, bool) or not isinstance(self.eta, int | float) or not (
-            math.isfinite(self.eta)
+        if (
+            isinstance(self.eta, bool)
+            or not isinstance(self.eta, int | float)
+            or not (math.isfinite(self.eta))
         ):
             raise ValueError(f"InPlaceMLPConfig.eta must be a finite number, got {self.eta!r}")
         tau = self.clip_tau
         if tau is not None and (
-            isinstance(tau, bool) or not isinstance(tau, int | float)
-            or not math.isfinite(tau) or tau <= 0
+            isinstance(tau, bool)
+            or not isinstance(tau, int | float)
+            or not math.isfinite(tau)
+            or tau <= 0
         ):
             raise ValueError(f"InPlaceMLPConfig.clip_tau must be None or > 0, got {tau!r}")
         if not isinstance(self.ttt, bool):
@@ -162,11 +169,21 @@ class InPlaceMLP(nnx.Module):
     def _op(self, z, target, **kw):
         c = self.config
         return inplace_ttt(
-            z, target, w_down=self.w_down[...], w_target=self.ttt_proj[...],
-            conv_kernel=self.ttt_conv[...], eta=c.eta, chunk_size=c.chunk_size,
-            conv_mode=c.conv_mode, clip_tau=c.clip_tau, checkpoint_group=c.checkpoint_group,
-            remat_policy=c.remat_policy, state_dtype=self.precision.state_dtype,
-            prefix=c.prefix, backward=c.backward, **kw,
+            z,
+            target,
+            w_down=self.w_down[...],
+            w_target=self.ttt_proj[...],
+            conv_kernel=self.ttt_conv[...],
+            eta=c.eta,
+            chunk_size=c.chunk_size,
+            conv_mode=c.conv_mode,
+            clip_tau=c.clip_tau,
+            checkpoint_group=c.checkpoint_group,
+            remat_policy=c.remat_policy,
+            state_dtype=self.precision.state_dtype,
+            prefix=c.prefix,
+            backward=c.backward,
+            **kw,
         )
 
     def __call__(
@@ -198,8 +215,9 @@ class InPlaceMLP(nnx.Module):
     def init_cache(self, batch_size: int) -> InPlaceCache:
         """An empty streaming cache: the fast weight at `w_down`, no pending tokens."""
         c, pr = self.config, self.precision
-        w = jnp.broadcast_to(self.w_down[...].astype(pr.state_dtype), (batch_size, c.d_model,
-                                                                       c.d_ff))
+        w = jnp.broadcast_to(
+            self.w_down[...].astype(pr.state_dtype), (batch_size, c.d_model, c.d_ff)
+        )
         return InPlaceCache(
             w=w,
             z=jnp.zeros((batch_size, c.chunk_size, c.d_ff), pr.compute_dtype),

@@ -104,7 +104,9 @@ class TTTConfig:
 
     @property
     def lr_scale(self) -> float:
-        return self.base_lr if self.base_lr is not None else (1.0 if self.inner == "linear" else 0.1)
+        return (
+            self.base_lr if self.base_lr is not None else (1.0 if self.inner == "linear" else 0.1)
+        )
 
 
 @struct.dataclass
@@ -267,7 +269,10 @@ class TTTLayer(nnx.Module):
         c = self.config
         op = ttt_linear if c.inner == "linear" else ttt_mlp
         return op(
-            q, k, v, eta,
+            q,
+            k,
+            v,
+            eta,
             **self._inner_params(),
             ln_scale=self.ttt_norm_scale[...],
             ln_bias=self.ttt_norm_bias[...],

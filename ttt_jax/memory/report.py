@@ -81,26 +81,40 @@ class Report:
                 return d
             return x
 
-        return json.dumps({k: enc(getattr(self, k)) for k in
-                           ("spec", "forward", "fwd_bwd", "measured_forward", "measured_fwd_bwd")},
-                          default=str, indent=2)
+        return json.dumps(
+            {
+                k: enc(getattr(self, k))
+                for k in ("spec", "forward", "fwd_bwd", "measured_forward", "measured_fwd_bwd")
+            },
+            default=str,
+            indent=2,
+        )
 
     def table(self) -> str:
         rows = [("", "forward", "fwd+bwd")]
         for field in ("argument", "output", "temp", "peak"):
-            rows.append((f"{field} (compiled)", gib(getattr(self.forward, field)),
-                         gib(getattr(self.fwd_bwd, field))))
+            rows.append(
+                (
+                    f"{field} (compiled)",
+                    gib(getattr(self.forward, field)),
+                    gib(getattr(self.fwd_bwd, field)),
+                )
+            )
         if self.measured_fwd_bwd is not None:
             mf, mb = self.measured_forward, self.measured_fwd_bwd
-            rows += [("peak_bytes_in_use", gib(mf.peak), gib(mb.peak)),
-                     ("steady bytes_in_use", gib(mf.steady), gib(mb.steady)),
-                     ("efficiency steady/peak", f"{mf.efficiency:.2f}", f"{mb.efficiency:.2f}")]
+            rows += [
+                ("peak_bytes_in_use", gib(mf.peak), gib(mb.peak)),
+                ("steady bytes_in_use", gib(mf.steady), gib(mb.steady)),
+                ("efficiency steady/peak", f"{mf.efficiency:.2f}", f"{mb.efficiency:.2f}"),
+            ]
         width = max(len(r[0]) for r in rows)
         s = self.spec
-        head = (f"{s.layer}  B={s.batch} T={s.seq} d_model={s.d_model} heads={s.heads} "
-                f"C={s.mini_batch} checkpoint_group={s.checkpoint_group} "
-                f"remat_policy={s.remat_policy} precision={s.precision}  "
-                f"[{jax.default_backend()}, jax {jax.__version__}]")
+        head = (
+            f"{s.layer}  B={s.batch} T={s.seq} d_model={s.d_model} heads={s.heads} "
+            f"C={s.mini_batch} checkpoint_group={s.checkpoint_group} "
+            f"remat_policy={s.remat_policy} precision={s.precision}  "
+            f"[{jax.default_backend()}, jax {jax.__version__}]"
+        )
         lines = [head] + [f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}" for r in rows]
         return "\n".join(lines)
 

@@ -2,12 +2,6 @@
 
 # --- the shared scan machinery
 from ttt_jax.ops.chunked_scan import chunked_scan
-from ttt_jax.ops.remat import POLICY_NAMES, resolve_policy
-
-# --- TTT-Linear / TTT-MLP (SPEC 3.1)
-from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
-from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
-from ttt_jax.ops.ttt_primal import ttt_linear_primal, ttt_mlp_primal
 
 # --- In-Place TTT (SPEC 3.3)
 from ttt_jax.ops.inplace_ttt import InPlaceState, inplace_ttt
@@ -18,6 +12,12 @@ from ttt_jax.ops.npt import (
     npt_modulated_linear,
     npt_rank_k_linear,
 )
+from ttt_jax.ops.remat import POLICY_NAMES, resolve_policy
+
+# --- TTT-Linear / TTT-MLP (SPEC 3.1)
+from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
+from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
+from ttt_jax.ops.ttt_primal import ttt_linear_primal, ttt_mlp_primal
 
 __all__ = [
     "InPlaceState",

@@ -54,10 +54,10 @@ def check_shapes(specs: Sequence[tuple[str, object, Sequence[Dim]]]) -> dict[str
                     )
             elif want in bound:
                 if size != bound[want]:
+                    want_shape = [bound.get(d, d) if isinstance(d, str) else d for d in expected]
                     raise ValueError(
                         f"{name} has shape {shape} but {first_seen[want]} gives "
-                        f"{want}={bound[want]}: expected {name} shape "
-                        f"{describe([bound.get(d, d) if isinstance(d, str) else d for d in expected])}"
+                        f"{want}={bound[want]}: expected {name} shape {describe(want_shape)}"
                     )
             else:
                 bound[want] = size

@@ -164,11 +164,19 @@ def _sequential(x0, eta, z, v, keep, delta_idx, read_idx, n, cfg):
 
     zd = _gathered(z, delta_idx, n, c)
     zr = zd if read_idx is None else _gathered(z, read_idx, n, c)
-    xs = (slots_first(zd), slots_first(v), slots_first(zr),
-          None if keep is None else jnp.moveaxis(keep, 1, 0))
+    xs = (
+        slots_first(zd),
+        slots_first(v),
+        slots_first(zr),
+        None if keep is None else jnp.moveaxis(keep, 1, 0),
+    )
     x, o = chunked_scan(
-        step, x0, xs, checkpoint_group=cfg.checkpoint_group,
-        remat_policy=cfg.remat_policy, unroll=cfg.unroll,
+        step,
+        x0,
+        xs,
+        checkpoint_group=cfg.checkpoint_group,
+        remat_policy=cfg.remat_policy,
+        unroll=cfg.unroll,
     )
     return jnp.moveaxis(o, 0, 1).reshape(b, n * c, -1), x
 

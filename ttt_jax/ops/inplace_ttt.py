@@ -49,8 +49,22 @@ class InPlaceState:
 
 
 def _check_args(
-    z, target, w_down, w_target, conv_kernel, eta, chunk_size, conv_mode, clip_tau,
-    segment_ids, initial_state, checkpoint_group, remat_policy, prefix, backward, state_dtype,
+    z,
+    target,
+    w_down,
+    w_target,
+    conv_kernel,
+    eta,
+    chunk_size,
+    conv_mode,
+    clip_tau,
+    segment_ids,
+    initial_state,
+    checkpoint_group,
+    remat_policy,
+    prefix,
+    backward,
+    state_dtype,
 ):
     check_positive_int("chunk_size", chunk_size)
     check_choice("conv_mode", conv_mode, tuple(CONV_KERNEL_SIZES))
@@ -156,14 +170,34 @@ def inplace_ttt(
         a non-scalar `eta`, any shape mismatch.
     """
     dims = _check_args(
-        z, target, w_down, w_target, conv_kernel, eta, chunk_size, conv_mode, clip_tau,
-        segment_ids, initial_state, checkpoint_group, remat_policy, prefix, backward, state_dtype,
+        z,
+        target,
+        w_down,
+        w_target,
+        conv_kernel,
+        eta,
+        chunk_size,
+        conv_mode,
+        clip_tau,
+        segment_ids,
+        initial_state,
+        checkpoint_group,
+        remat_policy,
+        prefix,
+        backward,
+        state_dtype,
     )
     cd, c, t, b = z.dtype, chunk_size, dims["T"], dims["B"]
     cfg = PrefixConfig(
-        chunk_size=c, clip_tau=None if clip_tau is None else float(clip_tau), prefix=prefix,
-        backward=backward, compute_dtype=jnp.dtype(cd), state_dtype=jnp.dtype(state_dtype),
-        checkpoint_group=checkpoint_group, remat_policy=remat_policy, unroll=unroll,
+        chunk_size=c,
+        clip_tau=None if clip_tau is None else float(clip_tau),
+        prefix=prefix,
+        backward=backward,
+        compute_dtype=jnp.dtype(cd),
+        state_dtype=jnp.dtype(state_dtype),
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        unroll=unroll,
     )
     eta = jnp.asarray(eta, state_dtype)
     if initial_state is None:
@@ -188,9 +222,17 @@ def inplace_ttt(
 
     lay = slot_layout(segment_ids, c, state_dtype)
     o, e = fast_weight_reads(
-        w0 - w_down.astype(state_dtype)[None], eta, z, targets(gather_time(target, lay.delta_idx)),
-        n=n, cfg=cfg, w_base=w_down, keep=lay.keep, delta_idx=lay.delta_idx,
-        read_idx=lay.read_idx, last_idx=lay.last_read_idx,
+        w0 - w_down.astype(state_dtype)[None],
+        eta,
+        z,
+        targets(gather_time(target, lay.delta_idx)),
+        n=n,
+        cfg=cfg,
+        w_base=w_down,
+        keep=lay.keep,
+        delta_idx=lay.delta_idx,
+        read_idx=lay.read_idx,
+        last_idx=lay.last_read_idx,
     )
     # The carried offset is the last document's only if it had a complete chunk (or is the
     # call's first); a later document without one is still at w_down.

@@ -8,7 +8,7 @@ command lines can carry them:
 |---|---|---|---|
 | `none` | everything (no remat) | most | least |
 | `dots` | outputs of every matmul | | |
-| `dots_no_batch` | outputs of matmuls without batch dims (the projections, not the per-head scan matmuls) | | |
+| `dots_no_batch` | matmul outputs without batch dims (projections, not the scan's matmuls) | | |
 | `save_names:a,b` | only values tagged `checkpoint_name(x, "a")` or `"b"` | | |
 | `offload_names:a,b` | values tagged `a`, `b`, moved to pinned host memory | | |
 | `full` | nothing but the inputs | least | most |
@@ -63,7 +63,9 @@ def resolve_policy(name: str | None) -> Callable | None:
             offload_src="device",
             offload_dst="pinned_host",
         )
-    raise ValueError(f"remat_policy={name!r} is not a known policy; valid: {', '.join(POLICY_NAMES)}")
+    raise ValueError(
+        f"remat_policy={name!r} is not a known policy; valid: {', '.join(POLICY_NAMES)}"
+    )
 
 
 def validate_policy(name: str | None) -> None:

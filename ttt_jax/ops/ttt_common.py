@@ -92,8 +92,17 @@ def default_token_scale(mini_batch_size: int) -> jax.Array:
 
 
 def check_ttt_args(
-    q, k, v, eta, params: Sequence[tuple[str, Any, tuple]], state_fields, initial_state,
-    mini_batch_size, token_scale, checkpoint_group, remat_policy,
+    q,
+    k,
+    v,
+    eta,
+    params: Sequence[tuple[str, Any, tuple]],
+    state_fields,
+    initial_state,
+    mini_batch_size,
+    token_scale,
+    checkpoint_group,
+    remat_policy,
 ) -> dict[str, int]:
     """Checks every TTT op argument before tracing; returns the bound dims (B, T, H, D, ...)."""
     c = check_positive_int("mini_batch_size", mini_batch_size)
@@ -147,8 +156,12 @@ def run_mini_batches(
     out_full = out_tail = None
     if full[0] is not None:
         state, out_full = chunked_scan(
-            step, state, full, checkpoint_group=checkpoint_group,
-            remat_policy=remat_policy, unroll=unroll,
+            step,
+            state,
+            full,
+            checkpoint_group=checkpoint_group,
+            remat_policy=remat_policy,
+            unroll=unroll,
         )
         out_full = jnp.swapaxes(out_full, 2, 3)
     if tail[0] is not None:

@@ -84,11 +84,22 @@ def ttt_linear(
       last complete mini-batch.
     """
     dims = check_ttt_args(
-        q, k, v, eta,
-        [("W1", W1, ("H", "D", "D")), ("b1", b1, ("H", "D")),
-         ("ln_scale", ln_scale, ("H", "D")), ("ln_bias", ln_bias, ("H", "D"))],
-        [("W1", ("H", "D", "D")), ("b1", ("H", "D"))], initial_state,
-        mini_batch_size, token_scale, checkpoint_group, remat_policy,
+        q,
+        k,
+        v,
+        eta,
+        [
+            ("W1", W1, ("H", "D", "D")),
+            ("b1", b1, ("H", "D")),
+            ("ln_scale", ln_scale, ("H", "D")),
+            ("ln_bias", ln_bias, ("H", "D")),
+        ],
+        [("W1", ("H", "D", "D")), ("b1", ("H", "D"))],
+        initial_state,
+        mini_batch_size,
+        token_scale,
+        checkpoint_group,
+        remat_policy,
     )
     cd = q.dtype
     if token_scale is None:
@@ -123,7 +134,15 @@ def ttt_linear(
         return new, out
 
     out, state = run_mini_batches(
-        step, state, q, k, v, eta, mini_batch_size=mini_batch_size,
-        checkpoint_group=checkpoint_group, remat_policy=remat_policy, unroll=unroll,
+        step,
+        state,
+        q,
+        k,
+        v,
+        eta,
+        mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        unroll=unroll,
     )
     return out.astype(q.dtype), state

@@ -37,7 +37,10 @@ NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
 
 @struct.dataclass
 class TTTMLPState:
-    """Per-sample fast weights: `W1 [B, H, D, F]`, `b1 [B, H, F]`, `W2 [B, H, F, D]`, `b2 [B, H, D]`."""
+    """Per-sample fast weights.
+
+    `W1 [B, H, D, F]`, `b1 [B, H, F]`, `W2 [B, H, F, D]`, `b2 [B, H, D]`.
+    """
 
     W1: jax.Array
     b1: jax.Array
@@ -79,12 +82,24 @@ def ttt_mlp(
       `o: [B, T, H, D]` in the dtype of q, and the state after the last complete mini-batch.
     """
     dims = check_ttt_args(
-        q, k, v, eta,
-        [("W1", W1, ("H", "D", "F")), ("b1", b1, ("H", "F")),
-         ("W2", W2, ("H", "F", "D")), ("b2", b2, ("H", "D")),
-         ("ln_scale", ln_scale, ("H", "D")), ("ln_bias", ln_bias, ("H", "D"))],
+        q,
+        k,
+        v,
+        eta,
+        [
+            ("W1", W1, ("H", "D", "F")),
+            ("b1", b1, ("H", "F")),
+            ("W2", W2, ("H", "F", "D")),
+            ("b2", b2, ("H", "D")),
+            ("ln_scale", ln_scale, ("H", "D")),
+            ("ln_bias", ln_bias, ("H", "D")),
+        ],
         [("W1", ("H", "D", "F")), ("b1", ("H", "F")), ("W2", ("H", "F", "D")), ("b2", ("H", "D"))],
-        initial_state, mini_batch_size, token_scale, checkpoint_group, remat_policy,
+        initial_state,
+        mini_batch_size,
+        token_scale,
+        checkpoint_group,
+        remat_policy,
     )
     cd = q.dtype
     if token_scale is None:
@@ -94,9 +109,7 @@ def ttt_mlp(
     ln_bias = ln_bias.astype(jnp.float32)
     if initial_state is None:
         b = dims["B"]
-        initial_state = TTTMLPState(
-            *(jnp.broadcast_to(p, (b, *p.shape)) for p in (W1, b1, W2, b2))
-        )
+        initial_state = TTTMLPState(*(jnp.broadcast_to(p, (b, *p.shape)) for p in (W1, b1, W2, b2)))
     state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
 
     def step(s: TTTMLPState, xs):
@@ -129,7 +142,15 @@ def ttt_mlp(
         return new, out
 
     out, state = run_mini_batches(
-        step, state, q, k, v, eta, mini_batch_size=mini_batch_size,
-        checkpoint_group=checkpoint_group, remat_policy=remat_policy, unroll=unroll,
+        step,
+        state,
+        q,
+        k,
+        v,
+        eta,
+        mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        unroll=unroll,
     )
     return out.astype(q.dtype), state

@@ -37,15 +37,32 @@ def _mlp_inner(p: dict, x: jax.Array, cd) -> jax.Array:
     return matmul("f,fd->d", h, p["W2"], cd) + p["b2"]
 
 
-def _primal(inner, state_cls, q, k, v, eta, params, ln_scale, ln_bias, mini_batch_size,
-            token_scale, initial_state, checkpoint_group, remat_policy, state_dtype, unroll):
+def _primal(
+    inner,
+    state_cls,
+    q,
+    k,
+    v,
+    eta,
+    params,
+    ln_scale,
+    ln_bias,
+    mini_batch_size,
+    token_scale,
+    initial_state,
+    checkpoint_group,
+    remat_policy,
+    state_dtype,
+    unroll,
+):
     cd = q.dtype
     ts = default_token_scale(mini_batch_size) if token_scale is None else token_scale
     ts = ts.astype(jnp.float32)
     ln_s, ln_b = ln_scale.astype(jnp.float32), ln_bias.astype(jnp.float32)
     if initial_state is None:
-        initial_state = state_cls(**{n: jnp.broadcast_to(p, (q.shape[0], *p.shape))
-                                     for n, p in params.items()})
+        initial_state = state_cls(
+            **{n: jnp.broadcast_to(p, (q.shape[0], *p.shape)) for n, p in params.items()}
+        )
     state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
 
     def head_norm(y, h):  # y: [D] of head h
@@ -57,7 +74,9 @@ def _primal(inner, state_cls, q, k, v, eta, params, ln_scale, ln_bias, mini_batc
 
     def one_head(p, h, qc, kc, vc, ec):  # p: one sample-head's weights; qc: [C, D]
         grads = jax.vmap(jax.grad(token_loss), in_axes=(None, None, 0, 0))(p, h, kc, vc)
-        steps = jax.tree.map(lambda g: jnp.cumsum(ec.reshape(-1, *[1] * (g.ndim - 1)) * g, 0), grads)
+        steps = jax.tree.map(
+            lambda g: jnp.cumsum(ec.reshape(-1, *[1] * (g.ndim - 1)) * g, 0), grads
+        )
         w_i = jax.tree.map(lambda w, s: w - ts.reshape(-1, *[1] * (s.ndim - 1)) * s, p, steps)
         out = jax.vmap(lambda w, x: head_norm(inner(w, x, cd), h))(w_i, qc)
         return qc.astype(jnp.float32) + out, jax.tree.map(lambda w: w[-1], w_i)
@@ -73,35 +92,132 @@ def _primal(inner, state_cls, q, k, v, eta, params, ln_scale, ln_bias, mini_batc
         return state_cls(**{n: x.astype(state_dtype) for n, x in new.items()}), out
 
     out, state = run_mini_batches(
-        step, state, q, k, v, eta, mini_batch_size=mini_batch_size,
-        checkpoint_group=checkpoint_group, remat_policy=remat_policy, unroll=unroll,
+        step,
+        state,
+        q,
+        k,
+        v,
+        eta,
+        mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        unroll=unroll,
     )
     return out.astype(q.dtype), state
 
 
-def ttt_linear_primal(q, k, v, eta, *, W1, b1, ln_scale, ln_bias, mini_batch_size=16,
-                      token_scale=None, initial_state=None, checkpoint_group=None,
-                      remat_policy=None, state_dtype=jnp.float32, unroll=1):
+def ttt_linear_primal(
+    q,
+    k,
+    v,
+    eta,
+    *,
+    W1,
+    b1,
+    ln_scale,
+    ln_bias,
+    mini_batch_size=16,
+    token_scale=None,
+    initial_state=None,
+    checkpoint_group=None,
+    remat_policy=None,
+    state_dtype=jnp.float32,
+    unroll=1,
+):
     """Primal-form twin of `ttt_linear` (same arguments and results, materialised `W_i`)."""
     # The dual-form op owns the argument checks; running them here keeps the twins in step.
-    jax.eval_shape(lambda: ttt_linear(
-        q, k, v, eta, W1=W1, b1=b1, ln_scale=ln_scale, ln_bias=ln_bias,
-        mini_batch_size=mini_batch_size, token_scale=token_scale, initial_state=initial_state,
-        checkpoint_group=checkpoint_group, remat_policy=remat_policy))
-    return _primal(_linear_inner, TTTLinearState, q, k, v, eta, {"W1": W1, "b1": b1},
-                   ln_scale, ln_bias, mini_batch_size, token_scale, initial_state,
-                   checkpoint_group, remat_policy, state_dtype, unroll)
+    jax.eval_shape(
+        lambda: ttt_linear(
+            q,
+            k,
+            v,
+            eta,
+            W1=W1,
+            b1=b1,
+            ln_scale=ln_scale,
+            ln_bias=ln_bias,
+            mini_batch_size=mini_batch_size,
+            token_scale=token_scale,
+            initial_state=initial_state,
+            checkpoint_group=checkpoint_group,
+            remat_policy=remat_policy,
+        )
+    )
+    return _primal(
+        _linear_inner,
+        TTTLinearState,
+        q,
+        k,
+        v,
+        eta,
+        {"W1": W1, "b1": b1},
+        ln_scale,
+        ln_bias,
+        mini_batch_size,
+        token_scale,
+        initial_state,
+        checkpoint_group,
+        remat_policy,
+        state_dtype,
+        unroll,
+    )
 
 
-def ttt_mlp_primal(q, k, v, eta, *, W1, b1, W2, b2, ln_scale, ln_bias, mini_batch_size=16,
-                   token_scale=None, initial_state=None, checkpoint_group=None,
-                   remat_policy=None, state_dtype=jnp.float32, unroll=1):
+def ttt_mlp_primal(
+    q,
+    k,
+    v,
+    eta,
+    *,
+    W1,
+    b1,
+    W2,
+    b2,
+    ln_scale,
+    ln_bias,
+    mini_batch_size=16,
+    token_scale=None,
+    initial_state=None,
+    checkpoint_group=None,
+    remat_policy=None,
+    state_dtype=jnp.float32,
+    unroll=1,
+):
     """Primal-form twin of `ttt_mlp` (same arguments and results, materialised `W_i`)."""
-    jax.eval_shape(lambda: ttt_mlp(
-        q, k, v, eta, W1=W1, b1=b1, W2=W2, b2=b2, ln_scale=ln_scale, ln_bias=ln_bias,
-        mini_batch_size=mini_batch_size, token_scale=token_scale, initial_state=initial_state,
-        checkpoint_group=checkpoint_group, remat_policy=remat_policy))
-    return _primal(_mlp_inner, TTTMLPState, q, k, v, eta,
-                   {"W1": W1, "b1": b1, "W2": W2, "b2": b2}, ln_scale, ln_bias,
-                   mini_batch_size, token_scale, initial_state, checkpoint_group,
-                   remat_policy, state_dtype, unroll)
+    jax.eval_shape(
+        lambda: ttt_mlp(
+            q,
+            k,
+            v,
+            eta,
+            W1=W1,
+            b1=b1,
+            W2=W2,
+            b2=b2,
+            ln_scale=ln_scale,
+            ln_bias=ln_bias,
+            mini_batch_size=mini_batch_size,
+            token_scale=token_scale,
+            initial_state=initial_state,
+            checkpoint_group=checkpoint_group,
+            remat_policy=remat_policy,
+        )
+    )
+    return _primal(
+        _mlp_inner,
+        TTTMLPState,
+        q,
+        k,
+        v,
+        eta,
+        {"W1": W1, "b1": b1, "W2": W2, "b2": b2},
+        ln_scale,
+        ln_bias,
+        mini_batch_size,
+        token_scale,
+        initial_state,
+        checkpoint_group,
+        remat_policy,
+        state_dtype,
+        unroll,
+    )
