@@ -28,16 +28,30 @@ from harness import (  # noqa: E402
 )
 
 H, D, C = 12, 64, 16
-# (kind, impl, checkpoint_group, unroll)
-VARIANTS = {
-    "dual": ("op", "dual", None, 1),
-    "dual_g4": ("op", "dual", 4, 1),
-    "dual_u4": ("op", "dual", None, 4),
-    "dual_g8_u4": ("op", "dual", 8, 4),
-    "primal_g4": ("op", "primal", 4, 1),
-    "layer": ("layer", "dual", None, 1),
-    "layer_g4": ("layer", "dual", 4, 1),
-}
+# XLA flags of the `_cb` variants: run the scan's while loop as a CUDA-graph command buffer
+# (no host round trip per iteration).
+COMMAND_BUFFER_FLAGS = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+DEFAULT_VARIANTS = ["dual", "dual_g4", "dual_u4", "dual_g8_u4", "primal_g4", "layer", "layer_g4"]
+
+
+def parse_variant(name: str) -> tuple[str, str, int | None, int, bool]:
+    """`dual`, `dual_g8_u8`, `primal_g4`, `layer_g4_u4_cb` -> (kind, impl, group, unroll, cb).
+
+    `g<G>`: checkpoint_group G; `u<U>`: scan unroll U; `cb`: command-buffer XLA flags.
+    """
+    head, *parts = name.split("_")
+    if head not in ("dual", "primal", "layer"):
+        raise ValueError(f"variant {name!r}: must start with dual, primal or layer")
+    group, unroll, cb = None, 1, False
+    for part in parts:
+        if part == "cb":
+            cb = True
+        elif part[:1] in ("g", "u") and part[1:].isdigit():
+            group, unroll = (int(part[1:]), unroll) if part[0] == "g" else (group, int(part[1:]))
+        else:
+            raise ValueError(f"variant {name!r}: unknown part {part!r} (g<N>, u<N> or cb)")
+    kind, impl = ("layer", "dual") if head == "layer" else ("op", head)
+    return kind, impl, group, unroll, cb
 
 
 def run_one(cfg: dict) -> dict:
@@ -48,7 +62,7 @@ def run_one(cfg: dict) -> dict:
     from ttt_jax.layers import BF16, TTTConfig, TTTLayer
     from ttt_jax.ops import ttt_linear, ttt_linear_primal, ttt_mlp, ttt_mlp_primal
 
-    kind, impl, group, unroll = VARIANTS[cfg["variant"]]
+    kind, impl, group, unroll, _ = parse_variant(cfg["variant"])
     b, t, inner = cfg["batch"], cfg["seq"], cfg["inner"]
     keys = jax.random.split(jax.random.PRNGKey(0), 8)
     if kind == "op":
@@ -122,7 +136,7 @@ def main() -> None:
     p.add_argument("--one", help="internal: run one JSON config in this process")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU check)")
     p.add_argument("--inner", nargs="+", default=["linear", "mlp"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--seqs", nargs="+", type=int, default=[2048, 8192, 32768])
     p.add_argument("--iters", type=int, default=10)
@@ -139,7 +153,8 @@ def main() -> None:
             for t in a.seqs:
                 for v in a.variants:
                     cfg = dict(inner=inner, batch=b, seq=t, variant=v, iters=a.iters)
-                    r = run_in_subprocess(__file__, cfg)
+                    flags = COMMAND_BUFFER_FLAGS if parse_variant(v)[4] else None
+                    r = run_in_subprocess(__file__, cfg, xla_flags=flags)
                     print(json.dumps(r), flush=True)
                     rows.append(r)
     env = environment()

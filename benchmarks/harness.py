@@ -50,13 +50,18 @@ def peak_bytes() -> int | None:
     return None if stats is None else int(stats["peak_bytes_in_use"])
 
 
-def run_in_subprocess(script: str, config: dict, timeout: float = 600) -> dict:
+def run_in_subprocess(
+    script: str, config: dict, timeout: float = 600, xla_flags: str | None = None
+) -> dict:
     """Runs `python script --one JSON` in a fresh process and returns the JSON it prints last.
 
     A fresh process per config is the only way to read that config's own allocator peak.
     Failures (out of memory included) come back as `{"error": ...}` instead of raising.
+    `xla_flags` are appended to the child's `XLA_FLAGS`.
     """
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    if xla_flags:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     try:
         proc = subprocess.run(
             [sys.executable, script, "--one", json.dumps(config)],
