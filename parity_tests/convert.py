@@ -1,8 +1,10 @@
 """Conversion between the JAX layers' parameters and the torch reference's.
 
-Both sides store every weight in math convention (`x @ W`) under the same names, so the
-conversion is a copy by name; what differs is the container (NNX `Param` vs `nn.Parameter`),
-and a few config defaults, which `ttt_config_to_torch` makes explicit.
+Both sides store every weight in math convention (`x @ W`), so the conversion is a copy by
+name (with a rename table where the two spell a name differently); what differs is the
+container (NNX `Param` vs `nn.Parameter`), and a few config defaults, which the
+`*_config_to_torch` functions make explicit. Every converter checks that each parameter on one
+side has exactly one counterpart of the same shape on the other.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ import torch
 from flax import nnx
 
 import ttt_torch_ref
-from ttt_jax.layers import TTTConfig, TTTLayer
+from ttt_jax.layers import (
+    InPlaceMLP,
+    InPlaceMLPConfig,
+    NPTBlock,
+    NPTBlockConfig,
+    NPTMLPConfig,
+    TTTConfig,
+    TTTLayer,
+)
+from ttt_jax.layers.npt_mlp import NPTMLP
 
 
 def to_torch(x, dtype=torch.float32, requires_grad: bool = False) -> torch.Tensor:
@@ -28,13 +39,58 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def state_to_torch(state, requires_grad: bool = False):
-    """A JAX op state (`TTTLinearState` / `TTTMLPState`) as the reference's state dataclass."""
+    """A JAX op state (TTT-Linear/MLP, In-Place, LaCT) as the reference's state dataclass."""
     fields = {
         f.name: to_torch(getattr(state, f.name), requires_grad=requires_grad)
         for f in dataclasses.fields(state)
     }
+    if set(fields) == {"w_down"}:
+        return ttt_torch_ref.InPlaceTTTState(**fields)
+    if set(fields) == {"w0", "w1", "w2", "m0", "m1", "m2"}:
+        return ttt_torch_ref.LaCTState(**fields)
     cls = ttt_torch_ref.TTTLinearState if "W2" not in fields else ttt_torch_ref.TTTMLPState
     return cls(**fields)
+
+
+def lact_state_to_torch(state, requires_grad: bool = False) -> ttt_torch_ref.LaCTState:
+    """A JAX `LaCTState` (w0, w1, w2, m0, m1, m2, each `[B, H, ...]`) as the reference's."""
+    ref = state_to_torch(state, requires_grad)
+    if not isinstance(ref, ttt_torch_ref.LaCTState):
+        raise ValueError(f"not a LaCT state: fields {[f.name for f in dataclasses.fields(state)]}")
+    return ref
+
+
+def jax_param_names(layer: nnx.Module) -> dict[str, jax.Array]:
+    """Every parameter of an NNX layer by dotted path (`mlp.W_gate`)."""
+    flat = nnx.to_flat_state(nnx.state(layer, nnx.Param))
+    return {".".join(map(str, path)): v[...] for path, v in flat}
+
+
+def copy_params(layer: nnx.Module, ref: torch.nn.Module, renames: dict[str, str] | None = None):
+    """Copy a JAX layer's parameters into a torch module, one to one by (renamed) name.
+
+    Args:
+        layer: the NNX layer.
+        ref: the torch module; its `named_parameters()` names are the targets.
+        renames: JAX name -> torch name where they differ; other names are kept.
+
+    Raises:
+        ValueError: a parameter without a counterpart on either side, or a shape mismatch.
+    """
+    renames = renames or {}
+    src = {renames.get(n, n): v for n, v in jax_param_names(layer).items()}
+    dst = dict(ref.named_parameters())
+    if set(src) != set(dst):
+        raise ValueError(
+            f"parameters differ: JAX only {sorted(set(src) - set(dst))}, "
+            f"torch only {sorted(set(dst) - set(src))}"
+        )
+    with torch.no_grad():
+        for name, p in dst.items():
+            if tuple(src[name].shape) != tuple(p.shape):
+                raise ValueError(f"{name}: JAX shape {src[name].shape} vs torch {tuple(p.shape)}")
+            p.copy_(to_torch(src[name]))
+    return ref
 
 
 def ttt_config_to_torch(config: TTTConfig) -> ttt_torch_ref.TTTLayerConfigRef:
@@ -65,3 +121,68 @@ def ttt_layer_to_torch(layer: TTTLayer) -> ttt_torch_ref.TTTLayerRef:
     if missing:
         raise ValueError(f"JAX parameters without a torch counterpart: {sorted(map(str, missing))}")
     return ref
+
+
+# --- In-Place TTT (SPEC 3.3) ---------------------------------------------------------------
+
+INPLACE_RENAMES = {"w_gate": "W_gate", "w_up": "W_up", "w_down": "W_down"}
+
+
+def inplace_config_to_torch(config: InPlaceMLPConfig) -> ttt_torch_ref.InPlaceMLPConfigRef:
+    return ttt_torch_ref.InPlaceMLPConfigRef(
+        d_model=config.d_model,
+        d_ff=config.d_ff,
+        chunk_size=config.chunk_size,
+        eta=config.eta,
+        conv_mode=config.conv_mode,
+        target_source={"embeddings": "embedding", "input": "input"}[config.target_source],
+        clip_tau=config.clip_tau,
+        activation=config.activation,
+    )
+
+
+def inplace_mlp_to_torch(layer: InPlaceMLP) -> ttt_torch_ref.InPlaceMLPRef:
+    """A torch `InPlaceMLPRef` holding exactly the JAX `InPlaceMLP`'s parameters."""
+    if not layer.config.ttt:
+        raise ValueError("the reference has no ttt=False baseline; convert a TTT layer")
+    ref = ttt_torch_ref.InPlaceMLPRef(inplace_config_to_torch(layer.config))
+    return copy_params(layer, ref, INPLACE_RENAMES)
+
+
+# --- NPT (SPEC 3.4) --------------------------------------------------------------------------
+
+
+def npt_mlp_config_to_torch(config: NPTMLPConfig) -> ttt_torch_ref.NPTMLPConfigRef:
+    return ttt_torch_ref.NPTMLPConfigRef(
+        d_model=config.d_model,
+        d_ff=config.d_ff,
+        rank=config.rank,
+        d_mod=config.mod_width,
+        scale=config.mod_scale,
+        modulation=config.modulation,
+        k=config.k,
+        reg_lambda=config.reg_lambda,
+    )
+
+
+def npt_mlp_to_torch(layer: NPTMLP) -> ttt_torch_ref.NPTMLPRef:
+    """A torch `NPTMLPRef` holding exactly the JAX `NPTMLP`'s parameters (either rank-k form)."""
+    ref = ttt_torch_ref.NPTMLPRef(npt_mlp_config_to_torch(layer.config))
+    return copy_params(layer, ref)
+
+
+def npt_block_config_to_torch(config: NPTBlockConfig) -> ttt_torch_ref.NPTBlockConfigRef:
+    return ttt_torch_ref.NPTBlockConfigRef(
+        num_heads=config.num_heads,
+        head_dim=config.head_dim,
+        mlp=npt_mlp_config_to_torch(config.mlp),
+        attn_residual=config.attn_residual,
+        rope_theta=config.rope_theta,
+        norm_eps=config.norm_eps,
+    )
+
+
+def npt_block_to_torch(block: NPTBlock) -> ttt_torch_ref.NPTBlockRef:
+    """A torch `NPTBlockRef` holding exactly the JAX `NPTBlock`'s parameters."""
+    ref = ttt_torch_ref.NPTBlockRef(npt_block_config_to_torch(block.config))
+    return copy_params(block, ref)

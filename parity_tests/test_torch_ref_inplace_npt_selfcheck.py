@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ttt_torch_ref.attention import causal_attention
 from ttt_torch_ref.inplace_ttt import (
     InPlaceMLPConfigRef,
     InPlaceMLPRef,
@@ -19,11 +20,13 @@ from ttt_torch_ref.inplace_ttt import (
 from ttt_torch_ref.npt import (
     NPTMLPConfigRef,
     NPTMLPRef,
+    npt_generated_rank_k_linear,
     npt_modulated_linear,
     npt_modulated_linear_materialised,
     npt_rank_k_linear,
     npt_rank_k_linear_materialised,
 )
+from ttt_torch_ref.npt_block import NPTBlockConfigRef, NPTBlockRef
 
 DTYPE = torch.float64
 ATOL = 1e-12
@@ -101,9 +104,85 @@ def test_npt_mlp_layer():
     m = 0.1 * torch.tanh(a @ layer.A_m)
     gate = npt_modulated_linear_materialised(x, m, W=layer.W_gate, A=layer.A, B=layer.B)
     want = (F.silu(gate) * (x @ layer.W_up)) @ layer.W_down
-    _close(layer(x, a), want)
+    y, aux = layer(x, a)
+    _close(y, want)
+    assert aux.item() == 0.0
     plain = (F.silu(x @ layer.W_gate) * (x @ layer.W_up)) @ layer.W_down
-    assert (layer(x, a) - plain).abs().max() > 1e-6
+    assert (y - plain).abs().max() > 1e-6
+
+
+def test_npt_generated_rank_k_is_rank_k_of_the_generated_vectors():
+    g = torch.Generator().manual_seed(4)
+    h, code = _randn(g, 2, 3, 4), _randn(g, 2, 3, 2)
+    W, W_u, W_w = _randn(g, 4, 5), _randn(g, 2, 3, 4), _randn(g, 2, 3, 5)
+    want = torch.zeros(2, 3, 5, dtype=DTYPE)
+    for b in range(2):
+        for s in range(3):
+            delta = sum(
+                torch.outer(code[b, s] @ W_u[:, k], code[b, s] @ W_w[:, k]) for k in range(3)
+            )
+            want[b, s] = h[b, s] @ (W + delta)
+    _close(npt_generated_rank_k_linear(h, code, W=W, W_u=W_u, W_w=W_w), want)
+
+
+def test_npt_aux_loss_low_rank_closed_form():
+    g = torch.Generator().manual_seed(6)
+    cfg = NPTMLPConfigRef(d_model=4, d_ff=6, rank=3, scale=0.5, reg_lambda=0.3)
+    layer = NPTMLPRef(cfg, generator=g).to(DTYPE)
+    x, a = _randn(g, 2, 5, 4), _randn(g, 2, 5, 4)
+    _, aux = layer(x, a)
+    m = layer.modulation(a)
+    col_sq = (layer.A**2).sum(0)
+    want = 0.3 * ((m**2 * col_sq).sum(-1).mean() + (layer.B**2).sum())
+    _close(aux, want)
+
+
+def test_npt_rank_k_layer_and_none():
+    g = torch.Generator().manual_seed(7)
+    cfg = NPTMLPConfigRef(d_model=4, d_ff=6, rank=2, d_mod=3, modulation="rank_k", k=3)
+    layer = NPTMLPRef(cfg, generator=g).to(DTYPE)
+    x, a = _randn(g, 2, 5, 4), _randn(g, 2, 5, 3)
+    u, w = layer.vectors(a)
+    gate = x @ layer.W_gate + torch.einsum("bsd,bskd,bskf->bsf", x, u, w)
+    y, _ = layer(x, a)
+    _close(y, (F.silu(gate) * (x @ layer.W_up)) @ layer.W_down)
+    plain = NPTMLPRef(NPTMLPConfigRef(d_model=4, d_ff=6, modulation="none")).to(DTYPE)
+    y0, aux0 = plain(x)
+    _close(y0, (F.silu(x @ plain.W_gate) * (x @ plain.W_up)) @ plain.W_down)
+    assert aux0.item() == 0.0
+
+
+def test_attention_window_by_hand():
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (_randn(g, 1, 6, 1, 2) for _ in range(3))
+    out = causal_attention(q, k, v, window=3)
+    for t in range(6):
+        keys = list(range(max(0, t - 2), t + 1))
+        w = torch.softmax(torch.stack([q[0, t, 0] @ k[0, s, 0] for s in keys]) / 2**0.5, 0)
+        _close(out[0, t, 0], sum(wi * v[0, s, 0] for wi, s in zip(w, keys, strict=True)))
+
+
+@pytest.mark.parametrize("attn_residual", [True, False])
+def test_npt_block_causal_and_residual(attn_residual):
+    g = torch.Generator().manual_seed(9)
+    mlp = NPTMLPConfigRef(d_model=4, d_ff=6, rank=2, scale=1.0)
+    block = NPTBlockRef(
+        NPTBlockConfigRef(num_heads=2, head_dim=2, mlp=mlp, attn_residual=attn_residual),
+        generator=g,
+    ).to(DTYPE)
+    with torch.no_grad():
+        for p in (block.mlp.A, block.mlp.B, block.mlp.A_m):
+            p.mul_(1000.0)
+    x = _randn(g, 1, 7, 4)
+    y, _ = block(x)
+    x2 = x.clone()
+    x2[:, 4:] += 1.0
+    y2, _ = block(x2)
+    assert torch.equal(y[:, :4], y2[:, :4])
+    # Without the residual the attention still reaches the output, through the modulation.
+    block.mlp.A_m.data.zero_()
+    y_nomod, _ = block(x)
+    assert (y_nomod - y).abs().max() > 1e-6
 
 
 # In-Place TTT ---------------------------------------------------------------------------------

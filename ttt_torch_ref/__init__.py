@@ -13,15 +13,20 @@ from .inplace_ttt import (
     inplace_ttt_materialised,
 )
 
-# NPT (SPEC 3.4): factored ops, their materialised twins, and the modulated MLP.
+# LaCT (SPEC 3.2): the SwiGLU fast-weight op, its state and the block mixer.
+from .lact import LaCTLayerConfigRef, LaCTLayerRef, LaCTState, lact_swiglu
+
+# NPT (SPEC 3.4): factored ops, their materialised twins, the modulated MLP and its block.
 from .npt import (
     NPTMLPConfigRef,
     NPTMLPRef,
+    npt_generated_rank_k_linear,
     npt_modulated_linear,
     npt_modulated_linear_materialised,
     npt_rank_k_linear,
     npt_rank_k_linear_materialised,
 )
+from .npt_block import NPTBlockConfigRef, NPTBlockRef
 from .ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
 
 # The layer around the ops.
@@ -31,10 +36,17 @@ __all__ = [
     "InPlaceMLPConfigRef",
     "InPlaceMLPRef",
     "InPlaceTTTState",
+    "LaCTLayerConfigRef",
+    "LaCTLayerRef",
+    "LaCTState",
+    "NPTBlockConfigRef",
+    "NPTBlockRef",
     "NPTMLPConfigRef",
     "NPTMLPRef",
     "inplace_ttt",
     "inplace_ttt_materialised",
+    "lact_swiglu",
+    "npt_generated_rank_k_linear",
     "npt_modulated_linear",
     "npt_modulated_linear_materialised",
     "npt_rank_k_linear",

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 CONV_MODES = ("centered", "causal_next")
 TARGET_SOURCES = ("input", "embedding")
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 @dataclass
@@ -231,6 +232,7 @@ class InPlaceMLPConfigRef:
         target_source: "input" (V is built from the MLP input x) or "embedding" (from the token
             embeddings passed to forward).
         clip_tau: optional Frobenius clip of each chunk's Delta.
+        activation: the gate activation, "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
     """
 
     d_model: int
@@ -240,6 +242,7 @@ class InPlaceMLPConfigRef:
     conv_mode: str = "centered"
     target_source: str = "input"
     clip_tau: float | None = None
+    activation: str = "silu"
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_ff", "chunk_size"):
@@ -251,6 +254,10 @@ class InPlaceMLPConfigRef:
             raise ValueError(
                 f"target_source must be one of {TARGET_SOURCES}, got {self.target_source!r}"
             )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}"
+            )
         if self.clip_tau is not None and self.clip_tau <= 0:
             raise ValueError(f"clip_tau must be > 0 or None, got {self.clip_tau}")
 
@@ -260,10 +267,10 @@ class InPlaceMLPConfigRef:
 
 
 class InPlaceMLPRef(nn.Module):
-    """SwiGLU MLP whose down projection is an In-Place TTT fast weight.
+    """Gated MLP (SwiGLU by default) whose down projection is an In-Place TTT fast weight.
 
     Parameters (math convention, a projection is x @ W):
-        W_gate [d, F], W_up [d, F]: Z = silu(x W_gate) * (x W_up).
+        W_gate [d, F], W_up [d, F]: Z = act(x W_gate) * (x W_up).
         W_down [d, F]: the slow start of the fast weight, O = Z W^T.
         ttt_conv [K, d]: the depthwise conv of the target (zeros at init).
         ttt_proj [d, d]: W_target, V = conv(X0) @ ttt_proj (diagonal N(0, 0.02^2) at init).
@@ -315,7 +322,7 @@ class InPlaceMLPRef(nn.Module):
             target = embeddings
         else:
             target = x
-        z = F.silu(x @ self.W_gate) * (x @ self.W_up)
+        z = ACTIVATIONS[cfg.activation](x @ self.W_gate) * (x @ self.W_up)
         return inplace_ttt(
             z,
             target,

@@ -8,7 +8,7 @@
 With `attn_residual=False` the attention output never enters the residual stream; it reaches
 the loss only through the per-token weight delta of the MLP's gate projection.
 
-The causal attention helper below is local to this file until the project has a shared one.
+The causal attention is the shared one of `ttt_jax.layers.attention`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt_jax.layers.attention import causal_attention
 from ttt_jax.layers.common import MixedPrecision, normal, ones, param, rms_norm
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
 from ttt_jax.ops.checks import check_positive_int, check_shapes
-from ttt_jax.ops.rope import rope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,45 +83,6 @@ class NPTBlockConfig:
     @property
     def precision(self) -> MixedPrecision:
         return self.mlp.precision
-
-
-def causal_attention(
-    x: jax.Array,
-    w_q: jax.Array,
-    w_k: jax.Array,
-    w_v: jax.Array,
-    w_o: jax.Array,
-    positions: jax.Array,
-    rope_theta: float,
-    compute_dtype,
-) -> jax.Array:
-    """Causal multi-head self-attention with RoPE on q and k.
-
-    Args:
-      x: `[B, S, d]` normalised input.
-      w_q, w_k, w_v: `[d, H, Dh]` projections.
-      w_o: `[H, Dh, d]` output projection.
-      positions: `[S]` or `[B, S]` RoPE positions.
-      rope_theta: RoPE base.
-      compute_dtype: dtype of the matmuls (fp32 accumulation).
-
-    Returns:
-      `[B, S, d]` in the compute dtype.
-    """
-    cd = compute_dtype
-    x = x.astype(cd)
-
-    def proj(w):
-        return jnp.einsum(
-            "bsd,dhe->bshe", x, w.astype(cd), preferred_element_type=jnp.float32
-        ).astype(cd)
-
-    q = rope(proj(w_q), positions, rope_theta)
-    k = rope(proj(w_k), positions, rope_theta)
-    o = jax.nn.dot_product_attention(q, k, proj(w_v), is_causal=True)
-    return jnp.einsum(
-        "bshe,hed->bsd", o.astype(cd), w_o.astype(cd), preferred_element_type=jnp.float32
-    ).astype(cd)
 
 
 class NPTBlock(nnx.Module):

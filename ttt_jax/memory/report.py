@@ -1,5 +1,7 @@
-"""Memory report of a layer: forward and forward+backward, from the compiler and (on a GPU)
-from the allocator. `python -m ttt_jax.memory report --help` is the command-line face."""
+"""Memory report of a layer or a model: forward peak, backward (fwd+bwd) peak and, for models,
+the training step's peak, with argument / output / temp bytes from the compiler and (on a GPU)
+the allocator's peak and steady bytes. `python -m ttt_jax.memory report --help` is the
+command-line face."""
 
 from __future__ import annotations
 
@@ -8,38 +10,46 @@ import json
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from ttt_jax.layers import MixedPrecision, TTTConfig, TTTLayer
-from ttt_jax.memory.analysis import CompiledMemory, MeasuredMemory, compiled_memory, measured_memory
+from ttt_jax.layers import InPlaceMLPConfig, MixedPrecision, NPTMLPConfig, TTTConfig
+from ttt_jax.memory.analysis import CompiledMemory, MeasuredMemory, measured_memory
+from ttt_jax.memory.layer_workload import LayerWorkload
+from ttt_jax.memory.workload import Workload
 
-LAYERS = ("ttt_linear", "ttt_mlp")
+LAYERS = ("ttt_linear", "ttt_mlp", "inplace", "npt")
+PROGRAM_TITLES = {"forward": "forward", "fwd_bwd": "fwd+bwd", "train_step": "train step"}
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-    """A layer and the input it is measured on.
+    """A layer at a given shape, as the command line describes it.
 
     Attributes:
-      layer: one of `LAYERS`.
+      layer: one of `LAYERS`: `ttt_linear` / `ttt_mlp` (`TTTLayer`), `inplace`
+        (`InPlaceMLP`, targets from its input), `npt` (`NPTMLP`, low-rank, modulated by its
+        input).
       seq: sequence length T.
       batch: batch size B.
       d_model: model width (the 125M shape is 768 with 12 heads).
-      heads: number of heads.
-      mini_batch: TTT mini-batch size C.
-      checkpoint_group: inner-scan remat group (None: no remat).
+      heads: number of heads (TTT layers).
+      mini_batch: TTT mini-batch size C (ttt_linear, ttt_mlp).
+      chunk: tokens per fast-weight update of `inplace` (None: 1024).
+      d_ff: MLP hidden width of `inplace` / `npt` (None: 4 * d_model).
+      checkpoint_group: inner-scan remat group (None: no remat; "default": the layer config's
+        own default, 4 for TTT layers, none for the others).
       remat_policy: policy name inside a group.
       precision: "fp32" or "bf16" (fp32 params and state, bf16 compute).
     """
 
-    layer: Literal["ttt_linear", "ttt_mlp"] = "ttt_linear"
+    layer: Literal["ttt_linear", "ttt_mlp", "inplace", "npt"] = "ttt_linear"
     seq: int = 2048
     batch: int = 1
     d_model: int = 768
     heads: int = 12
     mini_batch: int = 16
-    checkpoint_group: int | None = None
+    chunk: int | None = None
+    d_ff: int | None = None
+    checkpoint_group: int | None | Literal["default"] = "default"
     remat_policy: str | None = None
     precision: Literal["fp32", "bf16"] = "bf16"
 
@@ -50,72 +60,122 @@ class LayerSpec:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
 
-    def build(self, rngs: nnx.Rngs) -> TTTLayer:
-        config = TTTConfig(
-            d_model=self.d_model,
-            num_heads=self.heads,
-            inner="linear" if self.layer == "ttt_linear" else "mlp",
-            mini_batch_size=self.mini_batch,
-            checkpoint_group=self.checkpoint_group,
-            remat_policy=self.remat_policy,
-            precision=MixedPrecision.named(self.precision),
-        )
-        return TTTLayer(config, rngs=rngs)
+    def workload(self) -> LayerWorkload:
+        """The layer config this spec names, as a workload (raises the config's own errors)."""
+        precision = MixedPrecision.named(self.precision)
+        d_ff = self.d_ff or 4 * self.d_model
+        knobs = dict(remat_policy=self.remat_policy)
+        if self.checkpoint_group != "default":
+            knobs.update(checkpoint_group=self.checkpoint_group)
+        group = knobs.get("checkpoint_group")
+        if self.layer in ("ttt_linear", "ttt_mlp"):
+            config = TTTConfig(
+                d_model=self.d_model,
+                num_heads=self.heads,
+                inner="linear" if self.layer == "ttt_linear" else "mlp",
+                mini_batch_size=self.mini_batch,
+                precision=precision,
+                **knobs,
+            )
+            return LayerWorkload(config)
+        if self.layer == "inplace":
+            # The autodiff backward is the one the remat knobs act on (the custom one keeps no
+            # per-chunk state); ask for it only when a knob is set.
+            backward = "custom" if group is None else "autodiff"
+            config = InPlaceMLPConfig(
+                d_model=self.d_model,
+                d_ff=d_ff,
+                chunk_size=self.chunk or 1024,
+                target_source="input",
+                backward=backward,
+                **knobs,
+            )
+            return LayerWorkload(config, precision=precision)
+        if group is not None or self.remat_policy is not None:
+            raise ValueError(f"layer={self.layer!r} has no scan: drop checkpoint_group/policy")
+        return LayerWorkload(NPTMLPConfig(d_model=self.d_model, d_ff=d_ff, precision=precision))
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
-    spec: LayerSpec
-    forward: CompiledMemory
-    fwd_bwd: CompiledMemory
-    measured_forward: MeasuredMemory | None = None
-    measured_fwd_bwd: MeasuredMemory | None = None
+    """Compiled (and optionally measured) memory of a workload's programs.
+
+    Attributes:
+      title: the config in one line.
+      batch, seq: the input shape.
+      state_bytes: parameters (+ optimizer state for models).
+      compiled: program name (`forward`, `fwd_bwd`, `train_step`) -> compiler's numbers.
+      measured: program name -> allocator's numbers (GPU), or empty.
+      backend: `jax.default_backend()` and the jax version it was made with.
+    """
+
+    title: str
+    batch: int
+    seq: int
+    state_bytes: int
+    compiled: dict[str, CompiledMemory]
+    measured: dict[str, MeasuredMemory] = dataclasses.field(default_factory=dict)
+    backend: str = dataclasses.field(
+        default_factory=lambda: f"{jax.default_backend()}, jax {jax.__version__}"
+    )
+
+    @property
+    def forward(self) -> CompiledMemory:
+        return self.compiled["forward"]
+
+    @property
+    def fwd_bwd(self) -> CompiledMemory:
+        return self.compiled["fwd_bwd"]
+
+    @property
+    def forward_peak(self) -> int:
+        return self.forward.peak
+
+    @property
+    def backward_peak(self) -> int:
+        """Peak of the program that runs the backward: the training step for a model, else
+        the forward+backward."""
+        return self.compiled.get("train_step", self.fwd_bwd).peak
+
+    def to_dict(self) -> dict:
+        return dict(
+            title=self.title,
+            batch=self.batch,
+            seq=self.seq,
+            backend=self.backend,
+            state_bytes=self.state_bytes,
+            forward_peak=self.forward_peak,
+            backward_peak=self.backward_peak,
+            compiled={k: v.to_dict() for k, v in self.compiled.items()},
+            measured={k: v.to_dict() for k, v in self.measured.items()},
+        )
 
     def to_json(self) -> str:
-        def enc(x):
-            if dataclasses.is_dataclass(x):
-                d = dataclasses.asdict(x)
-                for prop in ("peak", "efficiency"):
-                    if hasattr(type(x), prop):
-                        d[prop] = getattr(x, prop)
-                return d
-            return x
-
-        return json.dumps(
-            {
-                k: enc(getattr(self, k))
-                for k in ("spec", "forward", "fwd_bwd", "measured_forward", "measured_fwd_bwd")
-            },
-            default=str,
-            indent=2,
-        )
+        return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
-        rows = [("", "forward", "fwd+bwd")]
-        for field in ("argument", "output", "temp", "peak"):
+        names = list(self.compiled)
+        rows = [("", *(PROGRAM_TITLES.get(n, n) for n in names))]
+        for field in ("argument", "output", "temp", "alias", "peak"):
             rows.append(
-                (
-                    f"{field} (compiled)",
-                    gib(getattr(self.forward, field)),
-                    gib(getattr(self.fwd_bwd, field)),
-                )
+                (f"{field} (compiled)", *(gib(getattr(self.compiled[n], field)) for n in names))
             )
-        if self.measured_fwd_bwd is not None:
-            mf, mb = self.measured_forward, self.measured_fwd_bwd
+        if any(self.compiled[n].host_temp for n in names):
+            host = (gib(self.compiled[n].host_temp) for n in names)
+            rows.append(("host temp (offloaded)", *host))
+        if self.measured:
+            m = [self.measured.get(n) for n in names]
             rows += [
-                ("peak_bytes_in_use", gib(mf.peak), gib(mb.peak)),
-                ("steady bytes_in_use", gib(mf.steady), gib(mb.steady)),
-                ("efficiency steady/peak", f"{mf.efficiency:.2f}", f"{mb.efficiency:.2f}"),
+                ("peak_bytes_in_use", *(gib(x.peak) if x else "-" for x in m)),
+                ("steady bytes_in_use", *(gib(x.steady) if x else "-" for x in m)),
+                ("efficiency steady/peak", *(f"{x.efficiency:.2f}" if x else "-" for x in m)),
             ]
         width = max(len(r[0]) for r in rows)
-        s = self.spec
         head = (
-            f"{s.layer}  B={s.batch} T={s.seq} d_model={s.d_model} heads={s.heads} "
-            f"C={s.mini_batch} checkpoint_group={s.checkpoint_group} "
-            f"remat_policy={s.remat_policy} precision={s.precision}  "
-            f"[{jax.default_backend()}, jax {jax.__version__}]"
+            f"{self.title}  B={self.batch} T={self.seq}  state {gib(self.state_bytes)}  "
+            f"[{self.backend}]"
         )
-        lines = [head] + [f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}" for r in rows]
+        lines = [head] + [f"{r[0]:<{width}}" + "".join(f"  {c:>12}" for c in r[1:]) for r in rows]
         return "\n".join(lines)
 
 
@@ -123,30 +183,31 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.3f} GiB"
 
 
-def layer_report(spec: LayerSpec, measure: bool = False) -> Report:
-    """Compiles the layer's forward and forward+backward on abstract shapes and reports their
-    memory; with `measure=True` on a GPU also runs them and reads the allocator."""
-    abstract = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
-    graphdef, params = nnx.split(abstract, nnx.Param)
-    compute = MixedPrecision.named(spec.precision).compute_dtype
-    x = jax.ShapeDtypeStruct((spec.batch, spec.seq, spec.d_model), compute)
-
-    def forward(params, x):
-        return nnx.merge(graphdef, params)(x)
-
-    def fwd_bwd(params, x):
-        def loss(params, x):
-            return jnp.mean(forward(params, x).astype(jnp.float32) ** 2)
-
-        return jax.grad(loss, argnums=(0, 1))(params, x)
-
-    report = Report(spec, compiled_memory(forward, params, x), compiled_memory(fwd_bwd, params, x))
+def workload_report(workload: Workload, batch: int, seq: int, measure: bool = False) -> Report:
+    """Compiles each of the workload's programs on abstract shapes and reports their memory;
+    with `measure=True` on a GPU also runs them (forward first: the allocator's peak counter
+    only grows) and reads the allocator."""
+    programs = workload.programs(batch, seq)
+    compiled = {name: p.compiled() for name, p in programs.items()}
+    measured = {}
     if measure:
-        real_params = nnx.state(spec.build(nnx.Rngs(0)), nnx.Param)
-        real_x = jax.random.normal(jax.random.PRNGKey(0), x.shape, x.dtype)
-        report = dataclasses.replace(
-            report,
-            measured_forward=measured_memory(forward, real_params, real_x),
-            measured_fwd_bwd=measured_memory(fwd_bwd, real_params, real_x),
-        )
-    return report
+        for name, program in programs.items():
+            memory, out = measured_memory(
+                program.fn, *program.real_args(), donate_argnums=program.donate_argnums
+            )
+            del out
+            if memory is not None:
+                measured[name] = memory
+    return Report(
+        title=workload.describe(),
+        batch=batch,
+        seq=seq,
+        state_bytes=workload.state_bytes(),
+        compiled=compiled,
+        measured=measured,
+    )
+
+
+def layer_report(spec: LayerSpec, measure: bool = False) -> Report:
+    """The report of the layer `spec` names, at its batch and sequence length."""
+    return workload_report(spec.workload(), spec.batch, spec.seq, measure=measure)

@@ -22,6 +22,8 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 def matmul(spec: str, a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
     """`einsum` with operands in the compute dtype and fp32 accumulation and result.
 
+    fp64 operands (tests under `jax_enable_x64`) accumulate and return fp64.
+
     fp32 inputs ask for HIGHEST precision so that GPUs do not silently drop to TF32 and parity
     with the reference holds; bf16 inputs take the fast path.
     """
@@ -30,7 +32,7 @@ def matmul(spec: str, a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
         spec,
         a.astype(compute_dtype),
         b.astype(compute_dtype),
-        preferred_element_type=jnp.float32,
+        preferred_element_type=jnp.promote_types(compute_dtype, jnp.float32),
         precision=precision,
     )
 

@@ -1,0 +1,1 @@
+"""Training scripts: `python -m train` (single device to multi-host, jax.sharding)."""

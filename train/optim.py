@@ -1,0 +1,102 @@
+"""The optimizer: AdamW (or Muon for matrices) with warmup + cosine decay and global-norm clipping.
+
+Weight decay skips norms and biases (every parameter with one dim apart from the stacked
+`layers` axis) and the initial values of fast weights (`ttt_jax.models.registry`, e.g. TTT's
+W1/b1): decay would pull the inner model's starting point to zero, which the inner loop then has
+to undo in every sequence.
+
+Muon (`optax.contrib.muon`) orthogonalises the updates of projection matrices (parameters with
+an `embed` axis and at least one other, not the vocab ones); every other parameter gets Muon's
+built-in AdamW. Its matrix learning rate is `muon_lr` on the same schedule shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+from jax.sharding import PartitionSpec as P
+
+from ttt_jax.models import MIXERS
+
+
+def schedule(lr: float, warmup: int, total: int, min_ratio: float) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup` steps, then cosine to `min_ratio * lr`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=max(total, warmup + 1),
+        end_value=lr * min_ratio,
+    )
+
+
+def _names(path) -> list:
+    return [getattr(k, "key", getattr(k, "name", None)) for k in path]
+
+
+def _core_axes(spec: P) -> tuple:
+    return tuple(a for a in spec if a != "layers")
+
+
+def decay_mask(params, logical_specs):
+    """True where weight decay applies (module docstring); same tree as params."""
+    fast = {n for m in MIXERS.values() for n in m.fast_weights}
+
+    def decide(path, spec, leaf):
+        del leaf
+        names = _names(path)
+        in_mixer = "mixer" in names
+        return len(_core_axes(spec)) > 1 and not (in_mixer and names[-1] in fast)
+
+    return jax.tree_util.tree_map_with_path(
+        decide, logical_specs, params, is_leaf=lambda s: isinstance(s, P)
+    )
+
+
+def muon_dims(params, logical_specs):
+    """Muon dimension numbers per leaf (None: AdamW), from the logical axis names."""
+    from optax.contrib import MuonDimensionNumbers
+
+    fast = {n for m in MIXERS.values() for n in m.fast_weights}
+
+    def decide(path, spec, leaf):
+        del leaf
+        names, core = _names(path), _core_axes(spec)
+        offset = len(spec) - len(core)
+        if len(core) < 2 or "embed" not in core or "vocab" in core or names[-1] in fast:
+            return None
+        return MuonDimensionNumbers(
+            reduction_axis=(offset,), output_axis=tuple(range(offset + 1, len(spec)))
+        )
+
+    return jax.tree_util.tree_map_with_path(
+        decide, logical_specs, params, is_leaf=lambda s: isinstance(s, P)
+    )
+
+
+def make_optimizer(cfg, total_steps: int, params, logical_specs) -> optax.GradientTransformation:
+    """The full update rule from an `OptimConfig` (`train.config`)."""
+    sched = schedule(cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+    mask = decay_mask(params, logical_specs)
+    if cfg.muon:
+        try:
+            from optax.contrib import muon
+        except ImportError as err:
+            raise ValueError(
+                f"--optim.muon needs optax.contrib.muon, which optax {optax.__version__} lacks"
+            ) from err
+        inner = muon(
+            learning_rate=schedule(cfg.muon_lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio),
+            weight_decay=cfg.weight_decay,
+            weight_decay_mask=mask,
+            adam_b1=cfg.b1,
+            adam_b2=cfg.b2,
+            adam_weight_decay=cfg.weight_decay,
+            adam_learning_rate=sched,
+            muon_weight_dimension_numbers=muon_dims(params, logical_specs),
+        )
+    else:
+        inner = optax.adamw(
+            sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
+        )
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), inner)

@@ -1,0 +1,114 @@
+"""The train state, its shardings, and the compiled steps, set up from a `TrainConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from train.optim import make_optimizer, schedule
+from train.sharding import batch_sharding, param_shardings, replicated
+from train.step import make_eval_step, make_train_step
+from ttt_jax.models import LM, ModelConfig
+
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "loss_mask")
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs that does not change during the run.
+
+    Attributes:
+      graphdef: the model's structure (merged with params inside the steps).
+      logical: pure dict of logical `PartitionSpec`s, one per parameter.
+      abstract_state: `ShapeDtypeStruct` tree of the train state, with shardings.
+      state_shardings: NamedShardings of the train state.
+      tx: the optimizer.
+      train_step: jitted `(state, batch) -> (state, metrics)`, state donated.
+      eval_step: jitted `(params, batch) -> sums`.
+      init_state: jitted `() -> state` (fresh parameters, laid out sharded).
+      batch_sharding: NamedSharding of every `[A, m, T]` batch array.
+      lr_schedule: step -> learning rate (for logs).
+    """
+
+    graphdef: nnx.GraphDef
+    logical: dict
+    abstract_state: dict
+    state_shardings: dict
+    tx: optax.GradientTransformation
+    train_step: object
+    eval_step: object
+    init_state: object
+    batch_sharding: NamedSharding
+    lr_schedule: object
+
+
+def _model_params(model_cfg: ModelConfig, seed: int) -> dict:
+    return nnx.to_pure_dict(nnx.state(LM(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+
+
+def make_setup(cfg, mesh: Mesh) -> Setup:
+    """Builds shardings from the logical axis rules and jits the steps with explicit in/out
+    shardings (`cfg` is a `TrainConfig`)."""
+    abstract = nnx.eval_shape(lambda: LM(cfg.model, rngs=nnx.Rngs(cfg.seed)))
+    graphdef, abs_state = nnx.split(abstract, nnx.Param)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abs_state))
+    abs_params = nnx.to_pure_dict(abs_state)
+    p_sh = param_shardings(logical, abs_params, cfg.mesh.rules, mesh)
+    tx = make_optimizer(cfg.optim, cfg.steps, abs_params, logical)
+    rep = replicated(mesh)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    o_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abs_opt,
+        p_sh,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    state_sh = {"step": rep, "params": p_sh, "opt_state": o_sh, "skipped": rep}
+
+    def init_state():
+        params = _model_params(cfg.model, cfg.seed)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": tx.init(params),
+            "skipped": jnp.zeros((), jnp.int32),
+        }
+
+    abs_state = jax.eval_shape(init_state)
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abs_state, state_sh
+    )
+    b_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, cfg.nonfinite == "skip"),
+        in_shardings=(state_sh, b_sh),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(p_sh, b_sh), out_shardings=rep)
+    return Setup(
+        graphdef=graphdef,
+        logical=logical,
+        abstract_state=abstract_state,
+        state_shardings=state_sh,
+        tx=tx,
+        train_step=train_step,
+        eval_step=eval_step,
+        init_state=jax.jit(init_state, out_shardings=state_sh),
+        batch_sharding=batch_sharding(mesh),
+        lr_schedule=schedule(
+            cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio
+        ),
+    )
+
+
+def spec_tree(shardings) -> dict:
+    """The `PartitionSpec`s of a tree of NamedShardings (for logs and tests)."""
+    return jax.tree.map(lambda s: s.spec, shardings, is_leaf=lambda x: isinstance(x, NamedSharding))

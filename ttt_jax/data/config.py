@@ -1,0 +1,67 @@
+"""What to train on: the embedded stdlib corpus, synthetic MQAR, or the user's files."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+SOURCES = ("stdlib", "mqar", "text", "jsonl", "npy")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Data source and its settings.
+
+    Attributes:
+      source: `stdlib` (bytes of the Python standard library's sources, no download), `mqar`
+        (synthetic multi-query associative recall, accuracy is the metric), `text` (.txt files,
+        one document per file), `jsonl` (one document per line, field `text_key`), or `npy`
+        (a pre-tokenized 1-D uint16/uint32 `.npy` token stream, memory-mapped).
+      path: a file or a directory (every `*.txt` / `*.jsonl` / `*.npy` under it, sorted) for
+        text, jsonl and npy.
+      text_key: the jsonl field holding the text.
+      tokenizer: `bytes` (UTF-8 bytes, vocab 256) or the path of a `tokenizer.json` (needs the
+        `tokenizers` package) for text and jsonl.
+      eos_id: npy only: the token that ends a document (segment boundaries); None: one stream.
+      val_percent: share of documents held out for evaluation, chosen by a hash of the file
+        path (stdlib, text) or of the document (jsonl); npy keeps the last share of tokens.
+      mqar_pairs: key-value pairs per MQAR sequence.
+      mqar_vocab: MQAR keys and values are drawn from `[1, mqar_vocab)` (keys the lower half,
+        values the upper half); must not exceed the model's vocab.
+    """
+
+    source: str = "stdlib"
+    path: str | None = None
+    text_key: str = "text"
+    tokenizer: str = "bytes"
+    eos_id: int | None = None
+    val_percent: float = 2.0
+    mqar_pairs: int = 8
+    mqar_vocab: int = 64
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(
+                f"DataConfig.source={self.source!r} is not one of {', '.join(SOURCES)}"
+            )
+        needs_path = self.source in ("text", "jsonl", "npy")
+        if needs_path and not self.path:
+            raise ValueError(f"DataConfig.source={self.source!r} needs DataConfig.path")
+        if needs_path and not os.path.exists(self.path):
+            raise ValueError(f"DataConfig.path={self.path!r} does not exist")
+        if not needs_path and self.path:
+            raise ValueError(f"DataConfig.path is only used by text/jsonl/npy, not {self.source!r}")
+        if self.tokenizer != "bytes" and not os.path.isfile(self.tokenizer):
+            raise ValueError(
+                f"DataConfig.tokenizer={self.tokenizer!r} is neither 'bytes' nor an existing "
+                "tokenizer.json file"
+            )
+        v = self.val_percent
+        if not isinstance(v, int | float) or not math.isfinite(v) or not 0 < v < 100:
+            raise ValueError(f"DataConfig.val_percent must be in (0, 100), got {v!r}")
+        if self.mqar_pairs < 1 or self.mqar_vocab < 4 or self.mqar_vocab // 2 - 1 < self.mqar_pairs:
+            raise ValueError(
+                f"DataConfig.mqar_pairs={self.mqar_pairs} needs at least that many distinct keys "
+                f"in [1, mqar_vocab/2) (mqar_vocab={self.mqar_vocab})"
+            )

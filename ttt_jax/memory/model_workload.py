@@ -1,0 +1,166 @@
+"""A language model as a memory workload: `ttt_jax.models.LM` trained on `tokens: [B, T]`.
+
+The training step compiled here is the plain one (next-token cross-entropy plus the MLPs'
+auxiliary loss, gradients, an optax update), with parameters and optimizer state donated as a
+real step donates them, so its peak counts parameters, optimizer state, gradients and every
+activation the backward keeps. A trainer with its own loss or optimizer passes them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ttt_jax.memory.analysis import tree_bytes
+from ttt_jax.memory.layer_workload import GROUP_CANDIDATES
+from ttt_jax.memory.workload import Program, Remat, Workload, abstract_split
+from ttt_jax.models import LM, ModelConfig
+
+# Mixers and MLPs whose scan the checkpoint_group / inner_remat_policy knobs act on.
+RECURRENT = ("ttt_linear", "ttt_mlp", "lact", "inplace_ttt")
+
+
+def next_token_loss(model: LM, tokens: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy (the last position predicts nothing) plus the auxiliary
+    loss."""
+    logits, aux = model(tokens)
+    labels = jnp.roll(tokens, -1, axis=1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    mask = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
+    return jnp.sum(ce * mask) / (tokens.shape[0] * (tokens.shape[1] - 1)) + aux
+
+
+# AdamW: two fp32 moments per parameter, the optimizer state the planner budgets for by
+# default. One instance, so equal configs make equal (and cache-sharing) workloads.
+DEFAULT_OPTIMIZER = optax.adamw(1e-3, weight_decay=0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelWorkload(Workload):
+    """An LM config with its training step.
+
+    Attributes:
+      config: the `ModelConfig` (its `block_remat`, `checkpoint_group` and
+        `inner_remat_policy` are the remat settings).
+      loss: `(model, tokens [B, T]) -> scalar`; the next-token loss by default.
+      optimizer: the optax transformation of the step; AdamW by default.
+    """
+
+    config: ModelConfig
+    loss: Callable[[LM, jax.Array], jax.Array] = next_token_loss
+    optimizer: optax.GradientTransformation = DEFAULT_OPTIMIZER
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether any block holds a layer the inner-scan knobs act on."""
+        return any(mx in RECURRENT or mlp in RECURRENT for mx, mlp in self.config.blocks)
+
+    @property
+    def remat(self) -> Remat:
+        c = self.config
+        block = None if c.block_remat == "none" else c.block_remat
+        return Remat(c.checkpoint_group, c.inner_remat_policy, block)
+
+    def with_remat(self, remat: Remat) -> ModelWorkload:
+        config = dataclasses.replace(
+            self.config,
+            checkpoint_group=remat.checkpoint_group,
+            inner_remat_policy=remat.remat_policy,
+            block_remat=remat.block_remat or "none",
+        )
+        return dataclasses.replace(self, config=config)
+
+    def remat_candidates(self) -> list[Remat]:
+        """Preferred first: the fastest scan group with no block remat, then block remat
+        keeping the matmul outputs without batch dims (what the weight gradients read: most of
+        the recomputation saved), then full block remat (each block keeps only its input), and
+        last, with the larger scan group, the least memory."""
+        fast, lean = GROUP_CANDIDATES if self.recurrent else (None, None)
+        return [
+            Remat(fast),
+            Remat(fast, block_remat="dots_no_batch"),
+            Remat(fast, block_remat="full"),
+            *([Remat(lean, block_remat="full")] if lean != fast else []),
+        ]
+
+    @property
+    def fit_program(self) -> str:
+        return "train_step"
+
+    @property
+    def seq_multiple(self) -> int:
+        c, sizes = self.config, [1]
+        for mixer, mlp in c.blocks:
+            if mixer in ("ttt_linear", "ttt_mlp"):
+                sizes.append(c.ttt_mini_batch)
+            if mixer == "lact":
+                sizes.append(c.lact_chunk)
+            if mlp == "inplace_ttt":
+                sizes.append(c.inplace_chunk)
+        return max(sizes)
+
+    def describe(self) -> str:
+        c = self.config
+        pattern = ",".join(c.pattern)
+        return (
+            f"LM d_model={c.d_model} layers={c.num_layers} heads={c.num_heads} d_ff={c.d_ff} "
+            f"vocab={c.vocab_size} pattern=[{pattern}] {c.precision} {self.remat.label()}"
+        )
+
+    def _abstract(self):
+        graphdef, params, rest = abstract_split(lambda: LM(self.config, rngs=nnx.Rngs(0)))
+        opt_state = jax.eval_shape(self.optimizer.init, params)
+        return graphdef, params, rest, opt_state
+
+    def state_bytes(self) -> int:
+        _, params, _, opt_state = self._abstract()
+        return tree_bytes(params) + tree_bytes(opt_state)
+
+    def programs(self, batch: int, seq: int) -> dict[str, Program]:
+        graphdef, params, rest, opt_state = self._abstract()
+        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+        optimizer, loss_of = self.optimizer, self.loss
+
+        def loss(params, rest, tokens):
+            return loss_of(nnx.merge(graphdef, params, rest), tokens)
+
+        def forward(params, rest, tokens):
+            return loss(params, rest, tokens)
+
+        def fwd_bwd(params, rest, tokens):
+            return jax.value_and_grad(loss)(params, rest, tokens)
+
+        def train_step(params, opt_state, rest, tokens):
+            value, grads = jax.value_and_grad(loss)(params, rest, tokens)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        def real_tokens():
+            key = jax.random.PRNGKey(1)
+            return jax.random.randint(key, tokens.shape, 0, self.config.vocab_size, jnp.int32)
+
+        def real_model():
+            _, p, r = nnx.split(LM(self.config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+            return p, r
+
+        def real_args():
+            p, r = real_model()
+            return p, r, real_tokens()
+
+        def real_step_args():
+            p, r = real_model()
+            return p, optimizer.init(p), r, real_tokens()
+
+        args = (params, rest, tokens)
+        return {
+            "forward": Program(forward, args, real_args),
+            "fwd_bwd": Program(fwd_bwd, args, real_args),
+            "train_step": Program(
+                train_step, (params, opt_state, rest, tokens), real_step_args, (0, 1)
+            ),
+        }

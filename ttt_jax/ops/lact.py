@@ -1,0 +1,229 @@
+"""LaCT: large-chunk test-time training with SwiGLU fast weights (Zhang et al. 2025, SPEC 3.2).
+
+Per sample and head a SwiGLU fast weight `f(x) = w1 (silu(w0 x) * (w2 x))` is read by every
+token of a chunk of C tokens (default 2048) and then takes one step on the chunk's keys and
+values (`lact_math.py`: the math; optional momentum, Muon and weight norm). Files:
+
+- `lact_math.py`: one chunk's read and inner step, batched over samples and heads;
+- `lact_scan.py`: chunk slicing and the plain-autodiff form (`backward="autodiff"`);
+- `lact_vjp.py`: the custom VJP that keeps only chunk-boundary states (`backward="custom"`);
+- this file: the public op, its state, argument checks, and the low-rank initial weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.experimental import checkify
+
+from ttt_jax.ops.checks import check_choice, check_float, check_positive_int, check_shapes
+from ttt_jax.ops.chunked_scan import check_scan_knobs
+from ttt_jax.ops.lact_math import Chunk, ChunkConfig, row_norms
+from ttt_jax.ops.lact_vjp import BACKWARDS, lact_reads
+
+LOW_RANK_IDENTITY = 0.5
+
+
+@struct.dataclass
+class LaCTState:
+    """Per-sample fast weights after the last complete chunk (state dtype).
+
+    Attributes:
+      w0, w2: `[B, H, Dh, D]`.
+      w1: `[B, H, D, Dh]`.
+      m0, m1, m2: momentum buffers shaped like w0, w1, w2 (zeros when the call had no momentum).
+    """
+
+    w0: jax.Array
+    w1: jax.Array
+    w2: jax.Array
+    m0: jax.Array
+    m1: jax.Array
+    m2: jax.Array
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
+def _check_args(
+    q, k, v, rates, momentum, w0, w1, w2, chunk_size, initial_state, knobs, state_dtype, backward
+) -> dict[str, int]:
+    check_positive_int("chunk_size", chunk_size)
+    check_choice("backward", backward, BACKWARDS)
+    for name in ("use_muon", "weight_norm", "debug"):
+        _check_bool(name, knobs[name])
+    check_float(q=q, k=k, v=v, momentum=momentum, w0=w0, w1=w1, w2=w2, **rates)
+    if not jnp.issubdtype(jnp.dtype(state_dtype), jnp.floating):
+        raise ValueError(f"state_dtype must be a float dtype, got {state_dtype}")
+    tokens = ("B", "T", "H", "D")
+    specs = [
+        ("q", q, tokens),
+        ("k", k, tokens),
+        ("v", v, tokens),
+        *((name, r, ("B", "T", "H")) for name, r in rates.items()),
+        ("momentum", momentum, ("B", "T", "H")),
+        ("w0", w0, ("H", "Dh", "D")),
+        ("w1", w1, ("H", "D", "Dh")),
+        ("w2", w2, ("H", "Dh", "D")),
+    ]
+    if initial_state is not None:
+        fields = {"w0": ("H", "Dh", "D"), "w1": ("H", "D", "Dh"), "w2": ("H", "Dh", "D")}
+        for i, shape in enumerate(fields.values()):
+            for field in (f"w{i}", f"m{i}"):
+                value = getattr(initial_state, field)
+                specs.append((f"initial_state.{field}", value, ("B", *shape)))
+    dims = check_shapes(specs)
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_scan_knobs(knobs["checkpoint_group"], knobs["remat_policy"])
+    return dims
+
+
+def _check_finite(**arrays: jax.Array | None) -> None:
+    """`debug=True`: a `checkify` check per array, naming it, that every value is finite.
+
+    Eagerly a failure raises at once; under `jax.jit` the caller wraps the function with
+    `checkify.checkify` and gets the error back (`err.throw()`); an un-functionalised check
+    under `jit` is itself an error, so debug mode can never silently pass non-finite rates.
+    """
+    for name, x in arrays.items():
+        if x is not None:
+            checkify.check(jnp.all(jnp.isfinite(x)), f"{name} has non-finite values (NaN or inf)")
+
+
+def lact_swiglu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lr0: jax.Array,
+    lr1: jax.Array,
+    lr2: jax.Array,
+    *,
+    w0: jax.Array,
+    w1: jax.Array,
+    w2: jax.Array,
+    chunk_size: int = 2048,
+    momentum: jax.Array | None = None,
+    use_muon: bool = False,
+    weight_norm: bool = True,
+    initial_state: LaCTState | None = None,
+    checkpoint_group: int | None = None,
+    remat_policy: str | None = None,
+    state_dtype=jnp.float32,
+    backward: str = "custom",
+    debug: bool = False,
+) -> tuple[jax.Array, LaCTState]:
+    """LaCT's SwiGLU fast weight over a sequence: read each chunk, then learn from it.
+
+    Per sample b, head h and chunk i (C tokens), with the state `W^(i)` entering the chunk:
+    `o_t = w1 (silu(w0 q_t) * (w2 q_t))` at `W^(i)` for every token t of the chunk, then one
+    ascent step on `sum_t lr_t <f(k_t), v_t>` (per-weight rates), optional momentum
+    (`M <- G + mean_chunk(beta) M`), optional Muon (Newton-Schulz, 5 steps), `w <- w + G`, and
+    optional weight norm (each row back to the norm of the same row of `w0`/`w1`/`w2`).
+
+    Args:
+      q, k, v: `[B, T, H, D]`, bf16 or fp32 (one dtype); the compute dtype of every matmul
+        (fp32 accumulation). T need not be a multiple of C.
+      lr0, lr1, lr2: `[B, T, H]` per-token learning rates of w0, w1, w2 (positive; the layer
+        makes them with softplus).
+      w0, w2: `[H, Dh, D]`, w1: `[H, D, Dh]`: the slow (initial) fast weights, also the row
+        norms the weight norm restores, even when `initial_state` is given.
+      chunk_size: C, tokens per update.
+      momentum: `[B, T, H]` momentum coefficients beta (in [0, 1), a sigmoid in the layer); each
+        chunk uses their mean. None: no momentum.
+      use_muon: orthogonalise each update with Newton-Schulz (SPEC 3.2 coefficients).
+      weight_norm: rescale rows after each update (default on).
+      initial_state: state to continue from (`LaCTState`, `[B, H, ...]`); None starts every
+        sample at `w0, w1, w2` with zero momentum.
+      checkpoint_group: G: with `backward="custom"` the forward saves every G-th chunk-boundary
+        state and the backward rebuilds the others; with "autodiff" the scan rematerialises
+        groups of G chunks (`ttt_jax.ops.chunked_scan`). None: every state saved / no remat.
+      remat_policy: what an autodiff remat group keeps (`ttt_jax.ops.remat`; tags in
+        `lact_math.NAMES`); the custom backward keeps nothing but states either way.
+      state_dtype: dtype of the fast weights, momentum and updates (fp32 by default).
+      backward: "custom" (the memory-lean `jax.custom_vjp`, `lact_vjp.py`) or "autodiff".
+      debug: check that q, k, v, the rates and momentum are finite (`checkify.check`: wrap a
+        jitted caller in `checkify.checkify`; eager calls raise at once).
+
+    Returns:
+      `o: [B, T, H, D]` in q's dtype, and the `LaCTState` after the last complete chunk (a
+      trailing partial chunk is read with it but does not update it).
+
+    Raises:
+      ValueError: before tracing, naming the argument: non-positive or non-int chunk size,
+        shape mismatches (Dh or D disagreeing between q and the weights included), non-float
+        dtypes, unknown `backward` or remat policy, non-bool flags.
+    """
+    rates = dict(lr0=lr0, lr1=lr1, lr2=lr2)
+    knobs = dict(
+        use_muon=use_muon,
+        weight_norm=weight_norm,
+        debug=debug,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+    )
+    dims = _check_args(
+        q, k, v, rates, momentum, w0, w1, w2, chunk_size, initial_state, knobs, state_dtype, backward
+    )
+    if debug:
+        _check_finite(q=q, k=k, v=v, momentum=momentum, **rates)
+    sd = jnp.dtype(state_dtype)
+    cfg = ChunkConfig(
+        chunk_size=chunk_size,
+        use_momentum=momentum is not None,
+        use_muon=use_muon,
+        weight_norm=weight_norm,
+        compute_dtype=jnp.dtype(q.dtype),
+        state_dtype=sd,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+    )
+    b = dims["B"]
+    slow = (w0, w1, w2)
+    if initial_state is None:
+        ws = tuple(jnp.broadcast_to(w.astype(sd), (b, *w.shape)) for w in slow)
+        ms = tuple(jnp.zeros((b, *w.shape), sd) for w in slow)
+    else:
+        s = initial_state
+        ws = tuple(w.astype(sd) for w in (s.w0, s.w1, s.w2))
+        ms = tuple(m.astype(sd) for m in (s.m0, s.m1, s.m2))
+    ref_norms = tuple(row_norms(w) for w in slow) if weight_norm else (None, None, None)
+    inputs = Chunk(q, k, v, lr0, lr1, lr2, momentum)
+    state = (ws, ms if momentum is not None else ())
+    o, (ws, ms_out) = lact_reads(
+        state, inputs, ref_norms, n=dims["T"] // chunk_size, cfg=cfg, backward=backward
+    )
+    if momentum is None:
+        ms_out = tuple(jnp.zeros_like(w) for w in ws)
+    return o, LaCTState(*ws, *ms_out)
+
+
+def lact_low_rank_weight(w_left: jax.Array, w_right: jax.Array) -> jax.Array:
+    """A low-rank initial fast weight `w_left @ w_right + 0.5 I` per head (SPEC 3.2).
+
+    Args:
+      w_left: `[H, R, r]`, w_right: `[H, r, S]` with `r <= min(R, S)`; `I` is the `[R, S]`
+        identity (ones on the main diagonal), so `[H, Dh, D]` factors give a w0 or w2.
+
+    Returns:
+      `[H, R, S]` in the promoted dtype of the factors (fp32 matmul at HIGHEST precision, so
+      the weight is the same on every backend).
+
+    Raises:
+      ValueError: naming the argument when the shapes disagree or `r > min(R, S)`.
+    """
+    check_float(w_left=w_left, w_right=w_right)
+    dims = check_shapes([("w_left", w_left, ("H", "R", "r")), ("w_right", w_right, ("H", "r", "S"))])
+    if dims["r"] > min(dims["R"], dims["S"]):
+        raise ValueError(
+            f"w_left/w_right rank r={dims['r']} must be <= min(rows, cols) = "
+            f"min({dims['R']}, {dims['S']}): got w_left {w_left.shape}, w_right {w_right.shape}"
+        )
+    dtype = jnp.result_type(w_left, w_right)
+    product = jnp.einsum(
+        "hrk,hks->hrs", w_left, w_right, precision=jax.lax.Precision.HIGHEST
+    ).astype(dtype)
+    return product + LOW_RANK_IDENTITY * jnp.eye(dims["R"], dims["S"], dtype=dtype)

@@ -1,0 +1,190 @@
+"""The per-chunk math of LaCT (SPEC 3.2): read the SwiGLU fast weight, take one inner step.
+
+Per sample b and head h the fast weight is `w0, w2: [Dh, D]`, `w1: [D, Dh]` and reads
+`f(x) = w1 (silu(w0 x) * (w2 x))`. One chunk of C tokens (`K, V, Q: [C, D]`, per-token rates
+`lr0, lr1, lr2: [C]`) first reads the state it starts from, then updates it:
+
+    O     = f_W(Q)                                       apply (state before the chunk)
+    A     = K w0^T,  Bm = K w2^T,  P = V w1              [C, Dh], token-major
+    G1    = V^T diag(lr1) (silu(A) * Bm)                 [D, Dh]
+    G0    = (P * Bm * silu'(A) * lr0)^T K                [Dh, D]
+    G2    = (P * silu(A) * lr2)^T K                      [Dh, D]
+
+the gradient of `sum_t lr_t <f(k_t), v_t>` (each weight with its own rate), taken as an ascent
+step. SPEC 3.2 writes `A = w0 K^T` ([Dh, C]); the token-major transposes here are the same
+numbers. Then, in order: momentum `M <- G + mean_chunk(beta) M; G <- M`, Muon
+`G <- NewtonSchulz5(G)`, the step `w <- w + G`, and the weight norm that scales each row of `w`
+back to the norm of the same row of the slow weights.
+
+Layout: every function batches all samples and heads in one einsum. Token arrays are sliced
+from the op's `[B, T, H, ...]` inputs as `[B, C, H, ...]` and never transposed as a whole; the
+chunk's activations are `[B, H, C, Dh]` (batch dims leading, as the matmul units want them).
+Matmuls take their operands in the compute dtype and accumulate in fp32; the state, the inner
+gradients and the Newton-Schulz iterate are fp32 (`state_dtype`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from ttt_jax.ops.ttt_common import matmul
+
+# Newton-Schulz iteration of Muon: per-step (a, b, c) of `X <- a X + (b A + c A^2) X`,
+# `A = X X^T` (SPEC 3.2). Tuned so 5 steps push every singular value near 1.
+NS_COEFFS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+NS_EPS = 1e-7
+WEIGHT_NORM_EPS = 1e-5
+# checkpoint_name tags of the chunk step, usable in `save_names:` remat policies of the
+# autodiff backward: the inner gradients (before momentum / Muon) and the apply's hidden layer.
+NAMES = ("lact_grad", "lact_hidden")
+
+
+class ChunkConfig(NamedTuple):
+    """Static settings of one `lact_swiglu` call (hashable: a `custom_vjp` nondiff argument)."""
+
+    chunk_size: int
+    use_momentum: bool
+    use_muon: bool
+    weight_norm: bool
+    compute_dtype: jnp.dtype
+    state_dtype: jnp.dtype
+    checkpoint_group: int | None
+    remat_policy: str | None
+
+
+class Chunk(NamedTuple):
+    """Token inputs of one chunk (or, in the op, of the whole sequence).
+
+    `q, k, v: [B, C, H, D]` in the compute dtype; `lr0, lr1, lr2: [B, C, H]`; `beta: [B, C, H]`
+    momentum coefficients, or None without momentum.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    lr0: jax.Array
+    lr1: jax.Array
+    lr2: jax.Array
+    beta: jax.Array | None
+
+
+# The state carried across chunks: `(ws, ms)` with `ws = (w0, w1, w2)` (`[B, H, Dh, D]`,
+# `[B, H, D, Dh]`, `[B, H, Dh, D]`) and `ms` the momentum buffers of the same shapes, or `()`
+# without momentum (no zeros are carried through the scan).
+FastState = tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]
+
+
+def apply_fast_weights(ws: tuple[jax.Array, ...], q: jax.Array, cd) -> jax.Array:
+    """`f_W(q)` per token: `q: [B, L, H, D]` -> `[B, L, H, D]` fp32 (any L, no mixing over L)."""
+    w0, w1, w2 = ws
+    a = matmul("bchd,bhed->bhce", q, w0, cd)
+    b = matmul("bchd,bhed->bhce", q, w2, cd)
+    hidden = checkpoint_name(jax.nn.silu(a) * b, "lact_hidden")
+    return matmul("bhce,bhde->bchd", hidden, w1, cd)
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    """`x` in fp32, or wider if it already is (bf16 rates and norms are too coarse)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _rate(lr: jax.Array) -> jax.Array:
+    """`[B, C, H]` -> `[B, H, C, 1]` fp32, to scale `[B, H, C, Dh]` activations per token."""
+    return jnp.swapaxes(_wide(lr), 1, 2)[..., None]
+
+
+def inner_grads(ws, k, v, lr0, lr1, lr2, cd) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The chunk's ascent direction `(G0, G1, G2)` (module docstring), fp32, shaped like `ws`.
+
+    Args:
+      ws: `(w0, w1, w2)`, `[B, H, Dh, D]`, `[B, H, D, Dh]`, `[B, H, Dh, D]`.
+      k, v: `[B, C, H, D]`.
+      lr0, lr1, lr2: `[B, C, H]` per-token rates of w0, w1, w2.
+      cd: compute dtype of the matmuls.
+    """
+    w0, w1, w2 = ws
+    a = matmul("bchd,bhed->bhce", k, w0, cd)
+    bm = matmul("bchd,bhed->bhce", k, w2, cd)
+    p = matmul("bchd,bhde->bhce", v, w1, cd)
+    sig = jax.nn.sigmoid(a)
+    silu_a = a * sig
+    # silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))).
+    d0 = p * bm * sig * (1.0 + a * (1.0 - sig)) * _rate(lr0)
+    d2 = p * silu_a * _rate(lr2)
+    g1 = matmul("bchd,bhce->bhde", v, silu_a * bm * _rate(lr1), cd)
+    g0 = matmul("bhce,bchd->bhed", d0, k, cd)
+    g2 = matmul("bhce,bchd->bhed", d2, k, cd)
+    return checkpoint_name((g0, g1, g2), "lact_grad")
+
+
+def newton_schulz5(g: jax.Array, cd) -> jax.Array:
+    """Muon's orthogonalisation of `g: [B, H, R, S]` (fp32 in, fp32 out), per matrix.
+
+    Works on the wide orientation (`R <= S`, transposing otherwise) so that `X X^T` is the
+    smaller Gram matrix; the iterate stays fp32 between steps, its matmuls run in `cd`.
+    """
+    tall = g.shape[-2] > g.shape[-1]
+    x = jnp.swapaxes(g, -1, -2) if tall else g
+    norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
+    x = x / (norm + NS_EPS)
+    for a, b, c in NS_COEFFS:
+        gram = matmul("bhij,bhkj->bhik", x, x, cd)
+        poly = b * gram + c * matmul("bhij,bhjk->bhik", gram, gram, cd)
+        x = a * x + matmul("bhij,bhjk->bhik", poly, x, cd)
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def row_norms(w: jax.Array) -> jax.Array:
+    """Euclidean norm of every row (over the last axis), fp32: `[..., R, S]` -> `[..., R]`."""
+    w = _wide(w)
+    return jnp.sqrt(jnp.sum(w * w, axis=-1))
+
+
+def renormalise_rows(w: jax.Array, target: jax.Array) -> jax.Array:
+    """Scales each row of `w: [B, H, R, S]` to norm `target: [H, R]` (eps 1e-5, SPEC 3.2)."""
+    return w / (row_norms(w)[..., None] + WEIGHT_NORM_EPS) * target[None, :, :, None]
+
+
+def update_state(state: FastState, chunk: Chunk, ref_norms, cfg: ChunkConfig) -> FastState:
+    """One inner step on the chunk's keys and values: the state after the chunk.
+
+    Args:
+      state: `(ws, ms)` before the chunk (state dtype).
+      chunk: the chunk's tokens (`Chunk`, `[B, C, H, ...]`).
+      ref_norms: `(n0, n1, n2)`, row norms of the slow weights (`[H, Dh]`, `[H, D]`, `[H, Dh]`),
+        the targets of the weight norm (unused without it).
+      cfg: static settings.
+    """
+    ws, ms = state
+    sd = cfg.state_dtype
+    gs = inner_grads(ws, chunk.k, chunk.v, chunk.lr0, chunk.lr1, chunk.lr2, cfg.compute_dtype)
+    if cfg.use_momentum:
+        beta = jnp.mean(_wide(chunk.beta), axis=1)[:, :, None, None]  # [B, H, 1, 1]
+        ms = tuple((g + beta * m).astype(sd) for g, m in zip(gs, ms, strict=True))
+        gs = ms
+    if cfg.use_muon:
+        gs = tuple(newton_schulz5(_wide(g), cfg.compute_dtype) for g in gs)
+    ws = tuple((w + g).astype(sd) for w, g in zip(ws, gs, strict=True))
+    if cfg.weight_norm:
+        ws = tuple(
+            renormalise_rows(w, n).astype(sd) for w, n in zip(ws, ref_norms, strict=True)
+        )
+    return ws, ms
+
+
+def chunk_step(
+    state: FastState, chunk: Chunk, ref_norms, cfg: ChunkConfig
+) -> tuple[FastState, jax.Array]:
+    """Apply-then-update of one complete chunk: `(state after, o: [B, C, H, D] in q's dtype)`."""
+    o = apply_fast_weights(state[0], chunk.q, cfg.compute_dtype).astype(chunk.q.dtype)
+    return update_state(state, chunk, ref_norms, cfg), o
