@@ -38,23 +38,42 @@ def _mlp_inner(p: dict, x: jax.Array, cd) -> jax.Array:
 
 
 def _primal(
-    inner,
+    dual_op,
+    inner: Inner,
     state_cls,
     q,
     k,
     v,
     eta,
-    params,
+    params: dict,
     ln_scale,
     ln_bias,
-    mini_batch_size,
-    token_scale,
-    initial_state,
-    checkpoint_group,
-    remat_policy,
-    state_dtype,
-    unroll,
+    *,
+    mini_batch_size=16,
+    token_scale=None,
+    initial_state=None,
+    checkpoint_group=None,
+    remat_policy=None,
+    state_dtype=jnp.float32,
+    unroll=1,
 ):
+    # The dual-form op owns the argument checks; running them here keeps the twins in step.
+    jax.eval_shape(
+        lambda: dual_op(
+            q,
+            k,
+            v,
+            eta,
+            **params,
+            ln_scale=ln_scale,
+            ln_bias=ln_bias,
+            mini_batch_size=mini_batch_size,
+            token_scale=token_scale,
+            initial_state=initial_state,
+            checkpoint_group=checkpoint_group,
+            remat_policy=remat_policy,
+        )
+    )
     cd = q.dtype
     ts = default_token_scale(mini_batch_size) if token_scale is None else token_scale
     ts = ts.astype(jnp.float32)
@@ -106,118 +125,19 @@ def _primal(
     return out.astype(q.dtype), state
 
 
-def ttt_linear_primal(
-    q,
-    k,
-    v,
-    eta,
-    *,
-    W1,
-    b1,
-    ln_scale,
-    ln_bias,
-    mini_batch_size=16,
-    token_scale=None,
-    initial_state=None,
-    checkpoint_group=None,
-    remat_policy=None,
-    state_dtype=jnp.float32,
-    unroll=1,
-):
-    """Primal-form twin of `ttt_linear` (same arguments and results, materialised `W_i`)."""
-    # The dual-form op owns the argument checks; running them here keeps the twins in step.
-    jax.eval_shape(
-        lambda: ttt_linear(
-            q,
-            k,
-            v,
-            eta,
-            W1=W1,
-            b1=b1,
-            ln_scale=ln_scale,
-            ln_bias=ln_bias,
-            mini_batch_size=mini_batch_size,
-            token_scale=token_scale,
-            initial_state=initial_state,
-            checkpoint_group=checkpoint_group,
-            remat_policy=remat_policy,
-        )
-    )
+def ttt_linear_primal(q, k, v, eta, *, W1, b1, ln_scale, ln_bias, **knobs):
+    """Primal-form twin of `ttt_linear`: same arguments (keyword knobs as there), same results,
+    materialised `W_i`."""
+    params = {"W1": W1, "b1": b1}
     return _primal(
-        _linear_inner,
-        TTTLinearState,
-        q,
-        k,
-        v,
-        eta,
-        {"W1": W1, "b1": b1},
-        ln_scale,
-        ln_bias,
-        mini_batch_size,
-        token_scale,
-        initial_state,
-        checkpoint_group,
-        remat_policy,
-        state_dtype,
-        unroll,
+        ttt_linear, _linear_inner, TTTLinearState, q, k, v, eta, params, ln_scale, ln_bias, **knobs
     )
 
 
-def ttt_mlp_primal(
-    q,
-    k,
-    v,
-    eta,
-    *,
-    W1,
-    b1,
-    W2,
-    b2,
-    ln_scale,
-    ln_bias,
-    mini_batch_size=16,
-    token_scale=None,
-    initial_state=None,
-    checkpoint_group=None,
-    remat_policy=None,
-    state_dtype=jnp.float32,
-    unroll=1,
-):
-    """Primal-form twin of `ttt_mlp` (same arguments and results, materialised `W_i`)."""
-    jax.eval_shape(
-        lambda: ttt_mlp(
-            q,
-            k,
-            v,
-            eta,
-            W1=W1,
-            b1=b1,
-            W2=W2,
-            b2=b2,
-            ln_scale=ln_scale,
-            ln_bias=ln_bias,
-            mini_batch_size=mini_batch_size,
-            token_scale=token_scale,
-            initial_state=initial_state,
-            checkpoint_group=checkpoint_group,
-            remat_policy=remat_policy,
-        )
-    )
+def ttt_mlp_primal(q, k, v, eta, *, W1, b1, W2, b2, ln_scale, ln_bias, **knobs):
+    """Primal-form twin of `ttt_mlp`: same arguments (keyword knobs as there), same results,
+    materialised `W_i`."""
+    params = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
     return _primal(
-        _mlp_inner,
-        TTTMLPState,
-        q,
-        k,
-        v,
-        eta,
-        {"W1": W1, "b1": b1, "W2": W2, "b2": b2},
-        ln_scale,
-        ln_bias,
-        mini_batch_size,
-        token_scale,
-        initial_state,
-        checkpoint_group,
-        remat_policy,
-        state_dtype,
-        unroll,
+        ttt_mlp, _mlp_inner, TTTMLPState, q, k, v, eta, params, ln_scale, ln_bias, **knobs
     )
