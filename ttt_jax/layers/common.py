@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt_jax.ops.ttt_common import wide_dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class MixedPrecision:
@@ -87,13 +89,14 @@ def dense(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
     """`x @ w` over the last axis of x, in the compute dtype with fp32 accumulation.
 
     The result is returned in the compute dtype: activations between layers are stored at
-    compute precision, which is what halves activation memory under bf16.
+    compute precision, which is what halves activation memory under bf16. An fp64 compute dtype
+    (tests under `jax_enable_x64`) accumulates in fp64.
     """
     y = jnp.einsum(
         "...i,io->...o",
         x.astype(compute_dtype),
         w.astype(compute_dtype),
-        preferred_element_type=jnp.float32,
+        preferred_element_type=wide_dtype(compute_dtype),
     )
     return y.astype(compute_dtype)
 
@@ -109,9 +112,10 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """RMSNorm over the last axis, computed in fp32, returned in fp32."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps) * scale.astype(jnp.float32)
+    """RMSNorm over the last axis, computed and returned in fp32 (fp64 for fp64 x)."""
+    dtype = wide_dtype(x.dtype)
+    x = x.astype(dtype)
+    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps) * scale.astype(dtype)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.ttt_common import matmul
+from ttt_jax.ops.ttt_common import matmul, wide_dtype
 
 # Newton-Schulz iteration of Muon: per-step (a, b, c) of `X <- a X + (b A + c A^2) X`,
 # `A = X X^T` (SPEC 3.2). Tuned so 5 steps push every singular value near 1.
@@ -95,7 +95,7 @@ def apply_fast_weights(ws: tuple[jax.Array, ...], q: jax.Array, cd) -> jax.Array
 
 def _wide(x: jax.Array) -> jax.Array:
     """`x` in fp32, or wider if it already is (bf16 rates and norms are too coarse)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x.astype(wide_dtype(x.dtype))
 
 
 def _rate(lr: jax.Array) -> jax.Array:
@@ -176,9 +176,7 @@ def update_state(state: FastState, chunk: Chunk, ref_norms, cfg: ChunkConfig) ->
         gs = tuple(newton_schulz5(_wide(g), cfg.compute_dtype) for g in gs)
     ws = tuple((w + g).astype(sd) for w, g in zip(ws, gs, strict=True))
     if cfg.weight_norm:
-        ws = tuple(
-            renormalise_rows(w, n).astype(sd) for w, n in zip(ws, ref_norms, strict=True)
-        )
+        ws = tuple(renormalise_rows(w, n).astype(sd) for w, n in zip(ws, ref_norms, strict=True))
     return ws, ms
 
 

@@ -19,6 +19,13 @@ LN_EPS = 1e-6
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
+def wide_dtype(dtype) -> jnp.dtype:
+    """fp32 for bf16 / fp16 / fp32, fp64 for fp64 (tests under `jax_enable_x64`): the dtype of
+    accumulations, norms and state. Not `jnp.promote_types`: under the strict promotion the
+    tests run with, bf16 and fp32 have no implicit promotion."""
+    return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
+
+
 def matmul(spec: str, a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
     """`einsum` with operands in the compute dtype and fp32 accumulation and result.
 
@@ -32,7 +39,7 @@ def matmul(spec: str, a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
         spec,
         a.astype(compute_dtype),
         b.astype(compute_dtype),
-        preferred_element_type=jnp.promote_types(compute_dtype, jnp.float32),
+        preferred_element_type=wide_dtype(compute_dtype),
         precision=precision,
     )
 
