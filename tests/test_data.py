@@ -31,6 +31,16 @@ def test_stdlib_dataset_is_deterministic_bytes():
     for k in x:
         np.testing.assert_array_equal(x[k], y[k])
     assert x["tokens"].max() < 256 and x["tokens"].dtype == np.int32
+    # Without segments the same bytes come as one plain stream: no ids, every target scored.
+    plain = make_dataset(DataConfig(segments=False), seq_len=64)
+    i = (int(a.train.doc_starts[1]) - 1) // 64  # the example where the second file starts
+    x, z = a.train.example(i), plain.train.example(i)
+    np.testing.assert_array_equal(z["tokens"], x["tokens"])
+    assert x["segment_ids"].max() == 1 and x["loss_mask"].min() == 0.0
+    assert z["segment_ids"].max() == 0 and z["loss_mask"].min() == 1.0
+    assert plain.train.fingerprint != a.train.fingerprint
+    assert not DataConfig(segments=False).uses_segments
+    assert not DataConfig(source="mqar").uses_segments and DataConfig().uses_segments
 
 
 def test_packing_segments_and_boundary_mask():

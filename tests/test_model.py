@@ -150,7 +150,10 @@ def test_segment_reset_is_recorded_per_layer():
 
 def test_every_mixer_and_mlp_builds_and_runs():
     pattern = tuple(f"{m}/{p}" for m, p in zip(MIXERS, list(MLPS) * 4, strict=False))
-    cfg = dataclasses.replace(MICRO, pattern=pattern, num_layers=len(pattern), lact_chunk=8)
+    assert "lact" in MIXERS  # the LaCT layer is imported only when a model uses it
+    cfg = dataclasses.replace(
+        MICRO, pattern=pattern, num_layers=len(pattern), lact_chunk=8, lact_window=4
+    )
     model = LM(cfg, rngs=nnx.Rngs(0))
     logits, aux = nnx.jit(lambda m, t: m(t))(model, tokens())
     assert bool(jnp.all(jnp.isfinite(logits))) and logits.shape == (2, 16, 64)

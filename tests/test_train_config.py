@@ -1,17 +1,22 @@
 """Bad training input fails early with messages that name the field, the value and the fix:
 unknown preset / mixer names list the valid ones; a mesh that does not divide the devices or
-the batch names the axis and by how much; a missing data path fails before any compile."""
+the batch names the axis and by how much; a missing data path fails before any compile. The
+plain-argparse fallback (no tyro installed) takes the same flags as tyro."""
 
 from __future__ import annotations
 
 import json
+import sys
 import types
 
 import pytest
-from _train_helpers import ROOT  # noqa: F401 - puts the repository root on sys.path
+from _train_helpers import MICRO_ARGS
 
 from train.__main__ import main
+from train.cli import parse
 from train.config import MeshConfig, TrainConfig
+from train.flags import parse_dataclass
+from train.progress import PlainProgress
 from train.sharding import check_batch, mesh_shape
 
 
@@ -66,3 +71,36 @@ def test_config_validation_and_json():
     saved = json.loads(TrainConfig().to_json())
     assert saved["model"]["pattern"] == ["attention/swiglu", "ttt_linear/swiglu"]
     assert saved["mesh"]["rules"][1] == ["embed", "fsdp"]
+
+
+FLAGS = [
+    *MICRO_ARGS, "--seq", "auto", "--run-dir", "x", "--fresh", "--mesh.rules", "embed", "fsdp",
+    "layers", "None", "--model.pattern", "attention/swiglu", "lact/npt", "--model.window", "None",
+    "--dist.coordinator=10.0.0.1:1234", "--nonfinite", "skip", "--checkpoint.keep-every", "5",
+    "--model.ttt_base_lr", "0.5", "--optim.muon", "--checkpoint.no-async-save",
+    "--data.no-segments",
+]  # fmt: skip
+
+
+def test_plain_flags_parse_like_tyro(monkeypatch, capsys):
+    tyro = pytest.importorskip("tyro")
+    default = TrainConfig()
+    plain = parse_dataclass(TrainConfig, default, FLAGS)
+    assert plain == tyro.cli(TrainConfig, default=default, args=FLAGS)
+    assert plain.seq == "auto" and plain.mesh.rules == (("embed", "fsdp"), ("layers", None))
+    with pytest.raises(ValueError, match=r"--seq: 'abc' is not a valid"):
+        parse_dataclass(TrainConfig, default, ["--seq", "abc"])
+    # Without tyro installed, `python -m train` takes the same flags through argparse.
+    monkeypatch.setitem(sys.modules, "tyro", None)
+    assert parse(["--preset", "125m", "--model.num-layers", "4"]).model.d_model == 768
+    code, text = run_main(["--steps", "0"], capsys)
+    assert code == 2 and "TrainConfig.steps must be a positive int, got 0" in text
+
+
+def test_plain_progress_prints_lines(capsys):
+    bar = PlainProgress(total=3, initial=0, disable=False, interval=3600.0)
+    bar.set_postfix(loss="1.5000")
+    bar.update(1)
+    bar.update(2)  # the last step always prints
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("step 3/3 | loss 1.5000 |")

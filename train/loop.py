@@ -17,11 +17,11 @@ import time
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from train.batching import sharded_batch
 from train.checkpoint import Checkpointer
-from train.metrics import MetricsLog, peak_flops, peak_memory_bytes
+from train.metrics import MetricsLog, compiled_bytes, peak_flops, peak_memory_bytes
+from train.progress import progress_bar
 from train.report import banner, summary
 from train.seq_auto import resolve_seq
 from train.sharding import check_batch, make_mesh
@@ -123,18 +123,14 @@ def run(cfg) -> int:
     batch = sharded_batch(train_batches, position, cfg.grad_accum, setup.batch_sharding)
     step_fn = setup.train_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    step_bytes = compiled_bytes(step_fn)
     if main:
-        print(f"compiled the train step in {compile_s:.1f}s", flush=True)
+        mem = f", {step_bytes / 2**20:,.0f} MiB per device (XLA)" if step_bytes else ""
+        print(f"compiled the train step in {compile_s:.1f}s{mem}", flush=True)
 
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        disable=not (main and cfg.log.progress),
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
+    bar = progress_bar(cfg.steps, start, main and cfg.log.progress)
     step, reason, code = start, "done", EXIT_OK
+    first: list[float] = []
     recent: list[float] = []
     evals: dict = {}
     train_time, trained = 0.0, 0
@@ -151,6 +147,7 @@ def run(cfg) -> int:
         dt, last = now - last, now
         train_time, trained = train_time + dt, trained + 1
         recent = (recent + [loss])[-10:]
+        first = first if len(first) == 10 else first + [loss]
         if not math.isfinite(loss):
             if cfg.nonfinite == "stop":
                 log.error(
@@ -212,16 +209,19 @@ def run(cfg) -> int:
             "steps": f"{step} / {cfg.steps} ({reason})",
             "tokens seen": f"{step * tokens_per_step:,}",
             "wall time": f"{time.perf_counter() - t0:.1f} s (compile {compile_s:.1f} s)",
-            "train loss (last 10)": float(np.mean(recent)) if recent else None,
+            f"train loss (steps {start + 1}-{start + len(first)} -> last {len(recent)})": (
+                f"{np.mean(first):.4f} -> {np.mean(recent):.4f}" if recent else None
+            ),
             "eval loss": evals.get("eval_loss"),
             f"eval accuracy{' (MQAR)' if data.metric == 'accuracy' else ''}": evals.get(
                 "eval_accuracy"
             ),
             "tokens/s (per device)": f"{tps:,.0f} ({tps / n_dev:,.0f})" if tps else None,
             "MFU": f"{tps / n_dev * flops / peak:.1%}" if (tps and peak) else None,
-            "peak memory": (
+            "peak memory (device)": (
                 f"{peak_memory_bytes() / 2**30:.2f} GiB" if peak_memory_bytes() else None
             ),
+            "train step memory (XLA)": f"{step_bytes / 2**20:,.0f} MiB" if step_bytes else None,
             "skipped steps": int(state["skipped"]),
             "checkpoints": f"{ckpt.directory} (steps {ckpt.steps()})",
             "exit code": code,

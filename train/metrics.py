@@ -39,6 +39,23 @@ def peak_memory_bytes() -> int | None:
     return max(peaks) if peaks else None
 
 
+def compiled_bytes(compiled) -> int | None:
+    """Per-device bytes of a compiled step by XLA's account: arguments + outputs + temporaries,
+    less what donation lets outputs reuse (None where the backend gives no analysis)."""
+    try:
+        ma = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    if ma is None:
+        return None
+    return int(
+        ma.argument_size_in_bytes
+        + ma.output_size_in_bytes
+        + ma.temp_size_in_bytes
+        - ma.alias_size_in_bytes
+    )
+
+
 class MetricsLog:
     """Appends `{"step": ..., ...}` records to `metrics.jsonl` and, if possible, TensorBoard.
 

@@ -1,9 +1,12 @@
 """The optimizer: AdamW (or Muon for matrices) with warmup + cosine decay and global-norm clipping.
 
-Weight decay skips norms and biases (every parameter with one dim apart from the stacked
-`layers` axis) and the initial values of fast weights (`ttt_jax.models.registry`, e.g. TTT's
-W1/b1): decay would pull the inner model's starting point to zero, which the inner loop then has
-to undo in every sequence.
+Weight decay applies to projection matrices only, told apart by their logical axes: at least
+two axes besides the stacked `layers` one, one of them the model width (`embed`) or the MLP
+width (`mlp`), none a depthwise-conv tap (`conv`). So norms and biases (one axis, or per-head
+`[heads, head_dim]` norms), per-channel scales and offsets and depthwise convs are not decayed,
+and neither are the initial values of fast weights (`ttt_jax.models.registry`, e.g. TTT's
+W1/b1, LaCT's w0/w1/w2): decay would pull the inner model's starting point to zero, which the
+inner loop then has to undo in every sequence.
 
 Muon (`optax.contrib.muon`) orthogonalises the updates of projection matrices (parameters with
 an `embed` axis and at least one other, not the vocab ones); every other parameter gets Muon's
@@ -44,9 +47,9 @@ def decay_mask(params, logical_specs):
 
     def decide(path, spec, leaf):
         del leaf
-        names = _names(path)
-        in_mixer = "mixer" in names
-        return len(_core_axes(spec)) > 1 and not (in_mixer and names[-1] in fast)
+        names, core = _names(path), _core_axes(spec)
+        matrix = len(core) > 1 and ("embed" in core or "mlp" in core) and "conv" not in core
+        return matrix and not ("mixer" in names and names[-1] in fast)
 
     return jax.tree_util.tree_map_with_path(
         decide, logical_specs, params, is_leaf=lambda s: isinstance(s, P)

@@ -93,6 +93,38 @@ def param_shardings(logical_specs, abstract_params, rules, mesh: Mesh):
     )
 
 
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def like_params(abstract_tree, abstract_params, param_shardings_, default: NamedSharding):
+    """Shardings for a tree holding copies of the params (an optimizer state): a leaf whose
+    key path ends with a parameter's path and has its shape is laid out like it (Adam or Muon
+    moments), every other leaf (counts, scalars) gets `default`.
+
+    Matching paths, not `optax.tree_map_params`, works for any optimizer, including those
+    whose state is built from per-parameter label trees (Muon).
+    """
+    index = {
+        _path_keys(path): (x.shape, sh)
+        for (path, x), sh in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_params),
+            jax.tree.leaves(param_shardings_, is_leaf=lambda s: isinstance(s, NamedSharding)),
+            strict=True,
+        )
+    }
+
+    def pick(path, leaf):
+        keys = _path_keys(path)
+        for i in range(len(keys)):
+            shape, sh = index.get(keys[i:], (None, None))
+            if sh is not None and shape == leaf.shape:
+                return sh
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """`[A, B, T]` micro-batched arrays: the batch dim over (data, fsdp)."""
     return NamedSharding(mesh, P(None, BATCH_AXES, None))

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from train.optim import make_optimizer, schedule
-from train.sharding import batch_sharding, param_shardings, replicated
+from train.sharding import batch_sharding, like_params, param_shardings, replicated
 from train.step import make_eval_step, make_train_step
 from ttt_jax.models import LM, ModelConfig
 
@@ -62,14 +62,7 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
     tx = make_optimizer(cfg.optim, cfg.steps, abs_params, logical)
     rep = replicated(mesh)
     abs_opt = jax.eval_shape(tx.init, abs_params)
-    o_sh = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abs_opt,
-        p_sh,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    o_sh = like_params(abs_opt, abs_params, p_sh, rep)
     state_sh = {"step": rep, "params": p_sh, "opt_state": o_sh, "skipped": rep}
 
     def init_state():
@@ -87,12 +80,16 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
     )
     b_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
     train_step = jax.jit(
-        make_train_step(graphdef, tx, cfg.nonfinite == "skip"),
+        make_train_step(graphdef, tx, cfg.nonfinite == "skip", cfg.data.uses_segments),
         in_shardings=(state_sh, b_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(p_sh, b_sh), out_shardings=rep)
+    eval_step = jax.jit(
+        make_eval_step(graphdef, cfg.data.uses_segments),
+        in_shardings=(p_sh, b_sh),
+        out_shardings=rep,
+    )
     return Setup(
         graphdef=graphdef,
         logical=logical,

@@ -18,10 +18,15 @@ import optax
 from flax import nnx
 
 
-def token_losses(graphdef: nnx.GraphDef, params, micro: dict) -> tuple[jax.Array, ...]:
-    """`(sum of masked NLL, number correct, aux)` for one micro-batch (fp32 scalars)."""
+def token_losses(
+    graphdef: nnx.GraphDef, params, micro: dict, segments: bool = True
+) -> tuple[jax.Array, ...]:
+    """`(sum of masked NLL, number correct, aux)` for one micro-batch (fp32 scalars).
+
+    `segments=False` withholds the segment ids from the model (`DataConfig.segments`).
+    """
     model = nnx.merge(graphdef, params)
-    logits, aux = model(micro["tokens"], micro["segment_ids"])
+    logits, aux = model(micro["tokens"], micro["segment_ids"] if segments else None)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, micro["targets"][..., None], axis=-1)[..., 0]
     mask = micro["loss_mask"]
@@ -30,7 +35,10 @@ def token_losses(graphdef: nnx.GraphDef, params, micro: dict) -> tuple[jax.Array
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, skip_nonfinite: bool
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    skip_nonfinite: bool,
+    segments: bool = True,
 ) -> Callable:
     """`train_step(state, batch) -> (state, metrics)` (module docstring)."""
 
@@ -40,7 +48,7 @@ def make_train_step(
         count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def objective(p, micro):
-            nll, correct, aux = token_losses(graphdef, p, micro)
+            nll, correct, aux = token_losses(graphdef, p, micro, segments)
             return nll / count + aux / n_acc, (nll, correct, aux)
 
         grad_fn = jax.grad(objective, has_aux=True)
@@ -54,7 +62,7 @@ def make_train_step(
         init = (jax.tree.map(jnp.zeros_like, params), zero, zero, zero)
         (grads, nll, correct, aux), _ = jax.lax.scan(accumulate, init, batch)
         loss = nll / count + aux / n_acc
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new = {
             "step": state["step"] + 1,
@@ -80,12 +88,12 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, segments: bool = True) -> Callable:
     """`eval_step(params, batch) -> {"nll_sum", "correct", "count"}` over all micro-batches."""
 
     def eval_step(params, batch):
         def one(carry, micro):
-            nll, correct, _ = token_losses(graphdef, params, micro)
+            nll, correct, _ = token_losses(graphdef, params, micro, segments)
             return (carry[0] + nll, carry[1] + correct), None
 
         zero = jnp.zeros((), jnp.float32)

@@ -26,6 +26,11 @@ class DataConfig:
       eos_id: npy only: the token that ends a document (segment boundaries); None: one stream.
       val_percent: share of documents held out for evaluation, chosen by a hash of the file
         path (stdlib, text) or of the document (jsonl); npy keeps the last share of tokens.
+      segments: mark document boundaries in packed rows with segment ids: attention and
+        In-Place TTT then keep documents apart and the target across a boundary is not scored.
+        False packs documents as one plain stream (GPT-style); the model then gets no segment
+        ids, which lets attention use cuDNN flash attention on a GPU (a segment mask is a dense
+        `[B, T, T]` input it cannot take).
       mqar_pairs: key-value pairs per MQAR sequence.
       mqar_vocab: MQAR keys and values are drawn from `[1, mqar_vocab)` (keys the lower half,
         values the upper half); must not exceed the model's vocab.
@@ -37,6 +42,7 @@ class DataConfig:
     tokenizer: str = "bytes"
     eos_id: int | None = None
     val_percent: float = 2.0
+    segments: bool = True
     mqar_pairs: int = 8
     mqar_vocab: int = 64
 
@@ -57,6 +63,8 @@ class DataConfig:
                 f"DataConfig.tokenizer={self.tokenizer!r} is neither 'bytes' nor an existing "
                 "tokenizer.json file"
             )
+        if not isinstance(self.segments, bool):
+            raise ValueError(f"DataConfig.segments must be a bool, got {self.segments!r}")
         v = self.val_percent
         if not isinstance(v, int | float) or not math.isfinite(v) or not 0 < v < 100:
             raise ValueError(f"DataConfig.val_percent must be in (0, 100), got {v!r}")
@@ -65,3 +73,9 @@ class DataConfig:
                 f"DataConfig.mqar_pairs={self.mqar_pairs} needs at least that many distinct keys "
                 f"in [1, mqar_vocab/2) (mqar_vocab={self.mqar_vocab})"
             )
+
+    @property
+    def uses_segments(self) -> bool:
+        """Whether batches carry document boundaries the model must see (MQAR rows are one
+        document each)."""
+        return self.segments and self.source != "mqar"

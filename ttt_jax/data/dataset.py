@@ -39,12 +39,13 @@ def make_dataset(config: DataConfig, seq_len: int, seed: int = 0) -> Dataset:
     for split in ("train", "val"):
         if config.source == "stdlib":
             tokens, starts, fp = stdlib_documents(split, config.val_percent)
-            streams.append(TokenStream(tokens, seq_len, doc_starts=starts, fingerprint=fp))
         elif config.source in ("text", "jsonl"):
             tokens, starts, fp, vocab = text_documents(config, split)
-            streams.append(TokenStream(tokens, seq_len, doc_starts=starts, fingerprint=fp))
         else:
-            tokens, fp = npy_tokens(config, split)
-            vocab = None
-            streams.append(TokenStream(tokens, seq_len, eos_id=config.eos_id, fingerprint=fp))
+            (tokens, fp), starts, vocab = npy_tokens(config, split), None, None
+        if not config.segments:
+            starts = None
+        eos = config.eos_id if config.segments else None
+        fp = f"{fp}:segments={config.segments}"
+        streams.append(TokenStream(tokens, seq_len, doc_starts=starts, eos_id=eos, fingerprint=fp))
     return Dataset(*streams, vocab_size=vocab, metric="loss")

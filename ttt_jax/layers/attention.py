@@ -46,6 +46,57 @@ def resolve_implementation(name: str, dtype, head_dim: int, masked: bool) -> str
     return "cudnn" if cudnn_ok else "xla"
 
 
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    window: int | None = None,
+    mask: jax.Array | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Causal softmax attention of projected, rotated heads, optionally after cached keys.
+
+    The last T keys belong to the T queries, in order; the `S - T` keys before them (a decoding
+    cache) come from the tokens just before, so query i sits at key position `S - T + i` and
+    sees the keys at positions `<= S - T + i` (the last `window` of them with a window).
+
+    Args:
+      q: `[B, T, H, Dh]`; k, v: `[B, S, H, Dh]` with `S >= T`.
+      window: keys per query, itself included; None attends to every earlier key.
+      mask: optional extra `[B, 1, T, S]` boolean mask (segments), only with `S == T`.
+      implementation: "xla", "cudnn" or "auto" (`resolve_implementation`).
+
+    Returns:
+      `[B, T, H, Dh]` in the dtype of q.
+    """
+    t, s = q.shape[1], k.shape[1]
+    if s == t:
+        impl = resolve_implementation(implementation, q.dtype, q.shape[-1], mask is not None)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=True,
+            local_window_size=None if window is None else (window - 1, 0),
+            implementation=impl,
+        )
+    if s < t or mask is not None:
+        raise ValueError(
+            f"attend: keys ({s}) must be at least as many as queries ({t}), and a mask is only "
+            "taken without cached keys"
+        )
+    # jax's causal and window masks align the first query with the first key; with cached keys
+    # in front the offset mask is explicit, and an explicit mask rules out cuDNN (module doc).
+    query_pos = (s - t + jnp.arange(t))[:, None]
+    key_pos = jnp.arange(s)[None, :]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed = allowed & (query_pos - key_pos < window)
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[None, None], implementation="xla")
+
+
 def causal_attention(
     x: jax.Array,
     w_q: jax.Array,
@@ -89,16 +140,7 @@ def causal_attention(
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, S, S]
-    impl = resolve_implementation(implementation, cd, q.shape[-1], mask is not None)
-    o = jax.nn.dot_product_attention(
-        q,
-        k,
-        proj(w_v),
-        mask=mask,
-        is_causal=True,
-        local_window_size=None if window is None else (window - 1, 0),
-        implementation=impl,
-    )
+    o = attend(q, k, proj(w_v), window=window, mask=mask, implementation=implementation)
     return jnp.einsum(
         "bshe,hed->bsd", o.astype(cd), w_o.astype(cd), preferred_element_type=jnp.float32
     ).astype(cd)

@@ -42,7 +42,7 @@ class ModelConfig:
       num_heads: heads of attention and TTT mixers (head_dim = d_model / num_heads).
       d_ff: hidden width F of every MLP (SwiGLU and its TTT variants).
       pattern: the block specs `"mixer/mlp"` of one period, repeated `L / len(pattern)` times.
-        Mixers: attention, ttt_linear, ttt_mlp, lact (when its layer is installed). MLPs:
+        Mixers: attention, ttt_linear, ttt_mlp, lact. MLPs:
         swiglu, inplace_ttt, npt. One period is the unit the layer scan repeats.
       tie_embeddings: the head is the transposed embedding (True) or its own `[d, V]` matrix.
       window: sliding window of attention mixers (None: full causal attention).
@@ -54,6 +54,10 @@ class ModelConfig:
       ttt_unroll: unroll of TTT mixers' inner scan (speed and compile time only: 4 is the
         fastest measured on an H100, 1 compiles and runs faster on a CPU).
       lact_chunk: chunk size of LaCT mixers.
+      lact_window: sliding window (tokens) of LaCT mixers' attention branch.
+      lact_heads: fast-weight heads of LaCT mixers (None: num_heads); `d_model / lact_heads`
+        must be even.
+      lact_rank: rank of LaCT's low-rank fast-weight starts, capped at the head width.
       inplace_chunk: chunk size of In-Place TTT MLPs.
       inplace_target: "embeddings" or "input" (`InPlaceMLPConfig.target_source`).
       npt_rank: rank of NPT MLPs' modulation.
@@ -82,6 +86,9 @@ class ModelConfig:
     ttt_backbone: str = "mamba"
     ttt_unroll: int = 4
     lact_chunk: int = 2048
+    lact_window: int = 2048
+    lact_heads: int | None = None
+    lact_rank: int = 32
     inplace_chunk: int = 256
     inplace_target: str = "embeddings"
     npt_rank: int = 16
@@ -102,11 +109,20 @@ class ModelConfig:
             "ttt_mini_batch",
             "ttt_unroll",
             "lact_chunk",
+            "lact_window",
+            "lact_rank",
             "inplace_chunk",
             "npt_rank",
         ):
             check_positive_int(f"ModelConfig.{field}", getattr(self, field))
         check_optional_positive_int("ModelConfig.window", self.window)
+        check_optional_positive_int("ModelConfig.lact_heads", self.lact_heads)
+        lact_heads = self.lact_heads or self.num_heads
+        if self.d_model % lact_heads or (self.d_model // lact_heads) % 2:
+            raise ValueError(
+                f"ModelConfig.lact_heads={self.lact_heads} must divide d_model={self.d_model} "
+                "into even head widths (RoPE rotates pairs)"
+            )
         check_choice("ModelConfig.precision", self.precision, PRECISIONS)
         check_choice("ModelConfig.attention_impl", self.attention_impl, IMPLEMENTATIONS)
         check_choice("ModelConfig.ttt_backbone", self.ttt_backbone, ("mamba", "transformer"))

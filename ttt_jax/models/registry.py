@@ -8,15 +8,16 @@ loss (0 for all but NPT with a regulariser).
 Document boundaries (`segment_ids`): attention masks across segments and In-Place TTT restarts
 its chunks and fast weight at each segment. TTT-Linear / TTT-MLP and LaCT do NOT reset: their
 fast weights flow from one packed document into the next (the ops have no segment input yet;
-the original TTT training packs documents the same way). `resets_at_segments` records this per
-entry so the model and its users can tell.
+the original TTT training packs documents the same way). LaCT's window attention and RoPE also
+run over the packed row as one sequence (positions from 0 at the row start).
+`resets_at_segments` records this per entry so the model and its users can tell.
 
 `fast_weights` names the parameters that are a fast weight's initial value (the optimizer
 exempts them from weight decay: decaying them would pull the inner model's start towards 0,
 which the inner loop then has to undo every sequence).
 
 `extra_flops(config, seq_len)` estimates a layer's forward FLOPs per token beyond the
-`2 * params` of its projections (attention scores, TTT inner steps); `ttt_jax.models.flops`
+`2 * params` of its projections (attention scores, TTT inner steps); `ttt_jax.models.counting`
 sums them for MFU.
 """
 
@@ -106,9 +107,45 @@ def _ttt_flops(inner: str):
     return flops
 
 
+def _lact(c: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    # Imported here: the LaCT layer is optional for models that do not use it (and it lands in
+    # its own module, so a checkout without it still builds every other block).
+    from ttt_jax.layers.lact import LaCTConfig, LaCTLayer
+
+    heads = c.lact_heads or c.num_heads
+    cfg = LaCTConfig(
+        d_model=c.d_model,
+        num_heads=c.num_heads,
+        num_fw_heads=heads,
+        window=c.lact_window,
+        chunk_size=c.lact_chunk,
+        rank=min(c.lact_rank, c.d_model // heads),
+        rope_theta=c.rope_theta,
+        attention_impl=c.attention_impl,
+        precision=c.mixed_precision,
+        checkpoint_group=c.checkpoint_group,
+        remat_policy=c.inner_remat_policy,
+    )
+    return LaCTLayer(cfg, rngs=rngs)
+
+
+def _lact_flops(c: ModelConfig, t: int) -> float:
+    # The window attention branch, plus per token: the SwiGLU fast weight's apply on q
+    # (3 matmuls of 2 * D * D) and its gradient terms on k (about 2 passes more), per head.
+    d = c.d_model // (c.lact_heads or c.num_heads)
+    heads = c.lact_heads or c.num_heads
+    window = min(c.lact_window, (t + 1) / 2)
+    return 4.0 * window * c.d_model + heads * 3 * 3 * 2 * d * d
+
+
 def _call_plain(layer, x, positions, segment_ids):
     del positions, segment_ids
     return layer(x)
+
+
+def _call_first(layer, x, positions, segment_ids):
+    del positions, segment_ids
+    return layer(x)[0]
 
 
 def _call_attention(layer, x, positions, segment_ids):
@@ -168,6 +205,13 @@ MIXERS: dict[str, MixerEntry] = {
     ),
     "ttt_mlp": MixerEntry(
         _ttt("mlp"), _call_plain, False, _ttt_flops("mlp"), ("W1", "b1", "W2", "b2")
+    ),
+    "lact": MixerEntry(
+        _lact,
+        _call_first,
+        False,
+        _lact_flops,
+        ("w0", "w1", "w2", "w0_left", "w0_right", "w2_left", "w2_right"),
     ),
 }
 
