@@ -20,6 +20,8 @@ import ttt_torch_ref
 from ttt_jax.layers import (
     InPlaceMLP,
     InPlaceMLPConfig,
+    LaCTConfig,
+    LaCTLayer,
     NPTBlock,
     NPTBlockConfig,
     NPTMLPConfig,
@@ -29,13 +31,19 @@ from ttt_jax.layers import (
 from ttt_jax.layers.npt_mlp import NPTMLP
 
 
-def to_torch(x, dtype=torch.float32, requires_grad: bool = False) -> torch.Tensor:
-    t = torch.tensor(np.asarray(jax.device_get(x), dtype=np.float32), dtype=dtype)
-    return t.requires_grad_(requires_grad)
+def to_torch(x, dtype=None, requires_grad: bool = False) -> torch.Tensor:
+    """A JAX array as a torch tensor: fp64 stays fp64, anything else becomes fp32 (or `dtype`)."""
+    a = np.asarray(jax.device_get(x))
+    a = a if a.dtype == np.float64 else a.astype(np.float32)
+    if dtype is None:
+        dtype = torch.float64 if a.dtype == np.float64 else torch.float32
+    return torch.tensor(a, dtype=dtype).requires_grad_(requires_grad)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().to(torch.float32).numpy()
+    """A torch tensor as numpy: fp64 stays fp64, anything else becomes fp32."""
+    t = t.detach().cpu()
+    return (t if t.dtype == torch.float64 else t.to(torch.float32)).numpy()
 
 
 def state_to_torch(state, requires_grad: bool = False):
@@ -66,13 +74,20 @@ def jax_param_names(layer: nnx.Module) -> dict[str, jax.Array]:
     return {".".join(map(str, path)): v[...] for path, v in flat}
 
 
-def copy_params(layer: nnx.Module, ref: torch.nn.Module, renames: dict[str, str] | None = None):
+def copy_params(
+    layer: nnx.Module,
+    ref: torch.nn.Module,
+    renames: dict[str, str] | None = None,
+    reshaped: frozenset[str] = frozenset(),
+):
     """Copy a JAX layer's parameters into a torch module, one to one by (renamed) name.
 
     Args:
         layer: the NNX layer.
         ref: the torch module; its `named_parameters()` names are the targets.
         renames: JAX name -> torch name where they differ; other names are kept.
+        reshaped: torch names whose JAX array is the same elements in another shape (row-major
+            reshape, e.g. `[d, 3, d]` -> `[d, 3d]`); every other shape must match exactly.
 
     Raises:
         ValueError: a parameter without a counterpart on either side, or a shape mismatch.
@@ -87,9 +102,12 @@ def copy_params(layer: nnx.Module, ref: torch.nn.Module, renames: dict[str, str]
         )
     with torch.no_grad():
         for name, p in dst.items():
-            if tuple(src[name].shape) != tuple(p.shape):
+            value = src[name]
+            if name in reshaped and value.size == p.numel():
+                value = value.reshape(tuple(p.shape))
+            if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(f"{name}: JAX shape {src[name].shape} vs torch {tuple(p.shape)}")
-            p.copy_(to_torch(src[name]))
+            p.copy_(to_torch(value, dtype=p.dtype))
     return ref
 
 
@@ -186,3 +204,52 @@ def npt_block_to_torch(block: NPTBlock) -> ttt_torch_ref.NPTBlockRef:
     """A torch `NPTBlockRef` holding exactly the JAX `NPTBlock`'s parameters."""
     ref = ttt_torch_ref.NPTBlockRef(npt_block_config_to_torch(block.config))
     return copy_params(block, ref)
+
+
+# --- LaCT (SPEC 3.2) -------------------------------------------------------------------------
+
+
+def lact_config_to_torch(config: LaCTConfig) -> ttt_torch_ref.LaCTLayerConfigRef:
+    """The reference config of the same layer; the JAX-only knobs (precision, memory, attention
+    kernel) change no number the reference computes and have no counterpart."""
+    return ttt_torch_ref.LaCTLayerConfigRef(
+        d_model=config.d_model,
+        num_heads=config.num_heads,
+        num_fw_heads=config.num_fw_heads,
+        fw_hidden=config.fw_hidden_dim,
+        window=config.window,
+        chunk_size=config.chunk_size,
+        rank=config.rank if config.rank is not None else 1,
+        base_lr=config.base_lr,
+        use_momentum=config.use_momentum,
+        use_muon=config.use_muon,
+        weight_norm=config.weight_norm,
+        learnable_scale=config.learnable_scale,
+        rope_theta=config.rope_theta,
+        norm_eps=config.norm_eps,
+    )
+
+
+class DenseStartLaCTLayerRef(ttt_torch_ref.LaCTLayerRef):
+    """The reference layer with dense start weights `w0, w2 [H, Dh, D]` in place of the
+    low-rank factors (the reference itself is always low rank; the JAX layer's `rank=None`).
+    Everything else is the reference's own code."""
+
+    def __init__(self, config: ttt_torch_ref.LaCTLayerConfigRef):
+        super().__init__(config)
+        H, D, Dh = config.num_fw_heads, config.fw_head_dim, config.fw_hidden
+        for name in ("w0_left", "w0_right", "w2_left", "w2_right"):
+            delattr(self, name)
+        self.w0 = torch.nn.Parameter(torch.zeros(H, Dh, D))
+        self.w2 = torch.nn.Parameter(torch.zeros(H, Dh, D))
+
+    def slow_weights(self):
+        return self.w0, self.w1, self.w2
+
+
+def lact_layer_to_torch(layer: LaCTLayer, dtype=torch.float32) -> ttt_torch_ref.LaCTLayerRef:
+    """A torch reference layer (in `dtype`) holding exactly the JAX `LaCTLayer`'s parameters;
+    `W_qkv [d, 3, d]` becomes the reference's `[d, 3d]` (columns q | k | v)."""
+    cfg = lact_config_to_torch(layer.config)
+    ref = ttt_torch_ref.LaCTLayerRef(cfg) if layer.config.rank else DenseStartLaCTLayerRef(cfg)
+    return copy_params(layer, ref.to(dtype), reshaped=frozenset({"W_qkv"}))

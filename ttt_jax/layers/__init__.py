@@ -2,6 +2,7 @@
 
 from ttt_jax.layers.common import BF16, FP32, MixedPrecision
 from ttt_jax.layers.inplace_mlp import InPlaceCache, InPlaceMLP, InPlaceMLPConfig
+from ttt_jax.layers.lact import LaCTCache, LaCTConfig, LaCTLayer
 from ttt_jax.layers.npt_block import NPTBlock, NPTBlockConfig
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
 from ttt_jax.layers.ttt_layer import TTTMLP, TTTCache, TTTConfig, TTTLayer, TTTLinear
@@ -12,6 +13,9 @@ __all__ = [
     "InPlaceCache",
     "InPlaceMLP",
     "InPlaceMLPConfig",
+    "LaCTCache",
+    "LaCTConfig",
+    "LaCTLayer",
     "MixedPrecision",
     "NPTBlock",
     "NPTBlockConfig",
