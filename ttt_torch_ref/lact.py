@@ -85,14 +85,16 @@ def inner_gradients(
     Returns:
         [G0, G1, G2], shaped like w, differentiable (create_graph) w.r.t. w, k, v and the rates.
     """
+    outer = torch.is_grad_enabled()  # False under torch.no_grad(): inference only
     with torch.enable_grad():
         # A weight that needs no outer gradient still needs a graph for the inner one.
-        w = [wj if wj.requires_grad else wj.detach().requires_grad_(True) for wj in w]
+        w = [wj if outer and wj.requires_grad else wj.detach().requires_grad_(True) for wj in w]
         dots = (swiglu_fast_weight(*w, k) * v).sum(-1)  # [B, H, n]: <f(k_t), v_t>
-        return [
-            torch.autograd.grad((lr * dots).sum(), wj, create_graph=True)[0]
+        grads = [
+            torch.autograd.grad((lr * dots).sum(), wj, retain_graph=True, create_graph=outer)[0]
             for lr, wj in zip(lrs, w, strict=True)
         ]
+    return grads if outer else [g.detach() for g in grads]
 
 
 def newton_schulz5(g: Tensor) -> Tensor:
