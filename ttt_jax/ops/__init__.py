@@ -6,6 +6,9 @@ from ttt_jax.ops.chunked_scan import chunked_scan
 # --- In-Place TTT (SPEC 3.3)
 from ttt_jax.ops.inplace_ttt import InPlaceState, inplace_ttt
 
+# --- LaCT large-chunk SwiGLU fast weights (SPEC 3.2)
+from ttt_jax.ops.lact import LaCTState, lact_low_rank_weight, lact_swiglu
+
 # --- NPT per-token low-rank modulation (SPEC 3.4)
 from ttt_jax.ops.npt import (
     npt_generated_rank_k_linear,
@@ -21,11 +24,14 @@ from ttt_jax.ops.ttt_primal import ttt_linear_primal, ttt_mlp_primal
 
 __all__ = [
     "InPlaceState",
+    "LaCTState",
     "POLICY_NAMES",
     "TTTLinearState",
     "TTTMLPState",
     "chunked_scan",
     "inplace_ttt",
+    "lact_low_rank_weight",
+    "lact_swiglu",
     "npt_generated_rank_k_linear",
     "npt_modulated_linear",
     "npt_rank_k_linear",

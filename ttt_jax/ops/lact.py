@@ -48,14 +48,14 @@ def _check_bool(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
-def _check_args(
-    q, k, v, rates, momentum, w0, w1, w2, chunk_size, initial_state, knobs, state_dtype, backward
-) -> dict[str, int]:
-    check_positive_int("chunk_size", chunk_size)
-    check_choice("backward", backward, BACKWARDS)
+def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict[str, int]:
+    w0, w1, w2 = weights
+    check_positive_int("chunk_size", knobs["chunk_size"])
+    check_choice("backward", knobs["backward"], BACKWARDS)
     for name in ("use_muon", "weight_norm", "debug"):
         _check_bool(name, knobs[name])
     check_float(q=q, k=k, v=v, momentum=momentum, w0=w0, w1=w1, w2=w2, **rates)
+    state_dtype = knobs["state_dtype"]
     if not jnp.issubdtype(jnp.dtype(state_dtype), jnp.floating):
         raise ValueError(f"state_dtype must be a float dtype, got {state_dtype}")
     tokens = ("B", "T", "H", "D")
@@ -70,6 +70,10 @@ def _check_args(
         ("w2", w2, ("H", "Dh", "D")),
     ]
     if initial_state is not None:
+        if not isinstance(initial_state, LaCTState):
+            raise ValueError(
+                f"initial_state must be a LaCTState (or None), got {type(initial_state).__name__}"
+            )
         fields = {"w0": ("H", "Dh", "D"), "w1": ("H", "D", "Dh"), "w2": ("H", "Dh", "D")}
         for i, shape in enumerate(fields.values()):
             for field in (f"w{i}", f"m{i}"):
@@ -159,15 +163,16 @@ def lact_swiglu(
     """
     rates = dict(lr0=lr0, lr1=lr1, lr2=lr2)
     knobs = dict(
+        chunk_size=chunk_size,
         use_muon=use_muon,
         weight_norm=weight_norm,
         debug=debug,
         checkpoint_group=checkpoint_group,
         remat_policy=remat_policy,
+        state_dtype=state_dtype,
+        backward=backward,
     )
-    dims = _check_args(
-        q, k, v, rates, momentum, w0, w1, w2, chunk_size, initial_state, knobs, state_dtype, backward
-    )
+    dims = _check_args(q, k, v, rates, momentum, (w0, w1, w2), initial_state, knobs)
     if debug:
         _check_finite(q=q, k=k, v=v, momentum=momentum, **rates)
     sd = jnp.dtype(state_dtype)
@@ -216,7 +221,9 @@ def lact_low_rank_weight(w_left: jax.Array, w_right: jax.Array) -> jax.Array:
       ValueError: naming the argument when the shapes disagree or `r > min(R, S)`.
     """
     check_float(w_left=w_left, w_right=w_right)
-    dims = check_shapes([("w_left", w_left, ("H", "R", "r")), ("w_right", w_right, ("H", "r", "S"))])
+    dims = check_shapes(
+        [("w_left", w_left, ("H", "R", "r")), ("w_right", w_right, ("H", "r", "S"))]
+    )
     if dims["r"] > min(dims["R"], dims["S"]):
         raise ValueError(
             f"w_left/w_right rank r={dims['r']} must be <= min(rows, cols) = "

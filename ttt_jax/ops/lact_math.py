@@ -84,12 +84,19 @@ class Chunk(NamedTuple):
 FastState = tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]
 
 
+def _stack02(w0: jax.Array, w2: jax.Array) -> jax.Array:
+    """`[B, H, 2 Dh, D]`: w0 above w2. `x w0^T` and `x w2^T` read the same x, so one matmul with
+    twice the columns computes both (fewer, larger matmuls: at Dh = 384 a single one is small
+    for the GPU's matmul units), and in the backward their x-cotangents come out summed."""
+    return jnp.concatenate([w0, w2], axis=-2)
+
+
 def apply_fast_weights(ws: tuple[jax.Array, ...], q: jax.Array, cd) -> jax.Array:
     """`f_W(q)` per token: `q: [B, L, H, D]` -> `[B, L, H, D]` fp32 (any L, no mixing over L)."""
     w0, w1, w2 = ws
-    a = matmul("bchd,bhed->bhce", q, w0, cd)
-    b = matmul("bchd,bhed->bhce", q, w2, cd)
-    hidden = checkpoint_name(jax.nn.silu(a) * b, "lact_hidden")
+    dh = w0.shape[-2]
+    ab = matmul("bchd,bhed->bhce", q, _stack02(w0, w2), cd)
+    hidden = checkpoint_name(jax.nn.silu(ab[..., :dh]) * ab[..., dh:], "lact_hidden")
     return matmul("bhce,bhde->bchd", hidden, w1, cd)
 
 
@@ -113,8 +120,9 @@ def inner_grads(ws, k, v, lr0, lr1, lr2, cd) -> tuple[jax.Array, jax.Array, jax.
       cd: compute dtype of the matmuls.
     """
     w0, w1, w2 = ws
-    a = matmul("bchd,bhed->bhce", k, w0, cd)
-    bm = matmul("bchd,bhed->bhce", k, w2, cd)
+    dh = w0.shape[-2]
+    ab = matmul("bchd,bhed->bhce", k, _stack02(w0, w2), cd)
+    a, bm = ab[..., :dh], ab[..., dh:]
     p = matmul("bchd,bhde->bhce", v, w1, cd)
     sig = jax.nn.sigmoid(a)
     silu_a = a * sig
@@ -122,26 +130,41 @@ def inner_grads(ws, k, v, lr0, lr1, lr2, cd) -> tuple[jax.Array, jax.Array, jax.
     d0 = p * bm * sig * (1.0 + a * (1.0 - sig)) * _rate(lr0)
     d2 = p * silu_a * _rate(lr2)
     g1 = matmul("bchd,bhce->bhde", v, silu_a * bm * _rate(lr1), cd)
-    g0 = matmul("bhce,bchd->bhed", d0, k, cd)
-    g2 = matmul("bhce,bchd->bhed", d2, k, cd)
-    return checkpoint_name((g0, g1, g2), "lact_grad")
+    # G0 and G2 both contract with K: one matmul (see `_stack02`). Stacked on a new axis, not
+    # concatenated along Dh: XLA:CPU fuses a concatenated bf16 operand into a dot it cannot run
+    # ("Unsupported element type for DotThunk: BF16 x BF16 = F32", jaxlib 0.10.2, B > 1).
+    g02 = matmul("bhzce,bchd->bhzed", jnp.stack([d0, d2], axis=2), k, cd)
+    return checkpoint_name((g02[:, :, 0], g1, g02[:, :, 1]), "lact_grad")
 
 
 def newton_schulz5(g: jax.Array, cd) -> jax.Array:
-    """Muon's orthogonalisation of `g: [B, H, R, S]` (fp32 in, fp32 out), per matrix.
+    """Muon's orthogonalisation of `g: [..., R, S]` (fp32 in, fp32 out), per matrix.
 
-    Works on the wide orientation (`R <= S`, transposing otherwise) so that `X X^T` is the
-    smaller Gram matrix; the iterate stays fp32 between steps, its matmuls run in `cd`.
+    Works on the wide orientation (`R <= S`, transposing otherwise, as `NS(X^T) = NS(X)^T`) so
+    that `X X^T` is the smaller Gram matrix; the iterate stays fp32 between steps, its matmuls
+    run in `cd`.
     """
     tall = g.shape[-2] > g.shape[-1]
     x = jnp.swapaxes(g, -1, -2) if tall else g
     norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
     x = x / (norm + NS_EPS)
     for a, b, c in NS_COEFFS:
-        gram = matmul("bhij,bhkj->bhik", x, x, cd)
-        poly = b * gram + c * matmul("bhij,bhjk->bhik", gram, gram, cd)
-        x = a * x + matmul("bhij,bhjk->bhik", poly, x, cd)
+        gram = matmul("...ij,...kj->...ik", x, x, cd)
+        poly = b * gram + c * matmul("...ij,...jk->...ik", gram, gram, cd)
+        x = a * x + matmul("...ij,...jk->...ik", poly, x, cd)
     return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def orthogonalise(gs: tuple[jax.Array, ...], cd) -> tuple[jax.Array, ...]:
+    """`newton_schulz5` of the three updates (`[B, H, Dh, D]`, `[B, H, D, Dh]`, `[B, H, Dh, D]`)
+    as one batch: each in its wide orientation (the same `[min, max]` shape for all three),
+    stacked, so every Newton-Schulz step is 3 matmul calls rather than 9."""
+    flip = [g.shape[-2] > g.shape[-1] for g in gs]
+    wide = [jnp.swapaxes(g, -1, -2) if f else g for g, f in zip(gs, flip, strict=True)]
+    out = newton_schulz5(jnp.stack([_wide(g) for g in wide], axis=2), cd)  # [B, H, 3, r, s]
+    return tuple(
+        jnp.swapaxes(out[:, :, i], -1, -2) if f else out[:, :, i] for i, f in enumerate(flip)
+    )
 
 
 def row_norms(w: jax.Array) -> jax.Array:
@@ -173,7 +196,7 @@ def update_state(state: FastState, chunk: Chunk, ref_norms, cfg: ChunkConfig) ->
         ms = tuple((g + beta * m).astype(sd) for g, m in zip(gs, ms, strict=True))
         gs = ms
     if cfg.use_muon:
-        gs = tuple(newton_schulz5(_wide(g), cfg.compute_dtype) for g in gs)
+        gs = orthogonalise(gs, cfg.compute_dtype)
     ws = tuple((w + g).astype(sd) for w, g in zip(ws, gs, strict=True))
     if cfg.weight_norm:
         ws = tuple(renormalise_rows(w, n).astype(sd) for w, n in zip(ws, ref_norms, strict=True))

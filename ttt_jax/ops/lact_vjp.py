@@ -98,7 +98,7 @@ def _custom_fwd(state, inputs, ref_norms, n, cfg):
 def _custom_bwd(n, cfg, res, cts):
     inputs, ref_norms, (saved, saved_rest), final_ws = res
     g_o, g_state = cts
-    c, cd, t = cfg.chunk_size, cfg.compute_dtype, inputs.q.shape[1]
+    c, cd = cfg.chunk_size, cfg.compute_dtype
     g = _group_size(n, cfg)
     grads = jax.tree.map(jnp.zeros_like, inputs)
     g_norms = jax.tree.map(jnp.zeros_like, ref_norms)
