@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
-from ttt_jax.memory.analysis import FAST_CPU_OPTIONS
+from ttt_jax.memory.analysis import compile_lowered
 from ttt_jax.models import ModelConfig, preset
 
 
@@ -44,9 +44,7 @@ def init(build) -> tuple:
 def run_fast(fn, *args):
     """`jax.jit(fn)(*args)`, compiled with the fast CPU options on the CPU (a test spends most of
     its time compiling; the options change nothing the tests look at)."""
-    lowered = jax.jit(fn).lower(*args)
-    options = FAST_CPU_OPTIONS if jax.default_backend() == "cpu" else None
-    return lowered.compile(compiler_options=options)(*args)
+    return compile_lowered(jax.jit(fn).lower(*args))(*args)
 
 
 def small_model(**kw) -> ModelConfig:

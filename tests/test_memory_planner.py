@@ -9,7 +9,7 @@ import pytest
 from memory_helpers import small_model
 
 import ttt_jax.memory.workload as workload_module
-from ttt_jax.layers import NPTMLPConfig, TTTConfig
+from ttt_jax.layers import BF16, LaCTConfig, NPTMLPConfig, TTTConfig
 from ttt_jax.memory import LayerWorkload, ModelWorkload, Plan, PlanError, Remat, parse_bytes, plan
 from ttt_jax.memory.__main__ import main
 from ttt_jax.memory.planner import compiled_peak
@@ -68,6 +68,17 @@ def test_plan_layer_sequence(compiles):
     assert p.seq >= 0.95 * max(lean)
 
 
+def test_plan_lact_layer_sequence():
+    config = LaCTConfig(
+        d_model=64, num_heads=4, num_fw_heads=2, window=128, chunk_size=128, rank=8, precision=BF16
+    )
+    p = plan(config, 96 * MiB, batch=1)
+    assert p.seq % 256 == 0 and p.remat in (Remat(4), Remat(16))
+    assert p.config.checkpoint_group == p.remat.checkpoint_group
+    assert_longest(p, 256)
+    print(f"LaCT d=64 in 96 MiB: seq {p.seq}, {p.remat.label()}, {len(p.trials)} compiles")
+
+
 def test_plan_batch_at_fixed_sequence():
     p = plan(NPT, 48 * MiB, seq=1024)
     assert p.searched == "batch" and p.seq == 1024 and p.batch >= 2
@@ -120,4 +131,4 @@ def test_cli_plan(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["python -m ttt_jax.memory", *argv, "--search", "batch"])
     main()
     out = capsys.readouterr().out
-    assert "fits: batch=" in out and "seq=2048 (batch searched)" in out
+    assert "fits: batch=" in out and "seq=2048 (batch searched)" in out and "(params " in out

@@ -37,7 +37,7 @@ def report_of(spec: LayerSpec):
     return layer_report(spec)
 
 
-@pytest.mark.parametrize("layer", ["ttt_linear", "ttt_mlp", "inplace", "npt"])
+@pytest.mark.parametrize("layer", ["ttt_linear", "ttt_mlp", "lact", "inplace", "npt"])
 def test_layer_report_accounts_for_every_byte(layer):
     spec = LayerSpec(layer=layer, **SPEC)
     report = report_of(spec)
@@ -72,8 +72,10 @@ def test_scan_remat_lowers_the_backward_peak_not_the_forward():
 
 
 def test_layer_spec_rejects_bad_input():
-    with pytest.raises(ValueError, match="ttt_linear, ttt_mlp, inplace, npt"):
+    with pytest.raises(ValueError, match="ttt_linear, ttt_mlp, lact, inplace, npt"):
         LayerSpec(layer="lstm")
+    with pytest.raises(ValueError, match="applies to lact, inplace, not layer='ttt_mlp'"):
+        LayerSpec(layer="ttt_mlp", backward="custom")
     with pytest.raises(ValueError, match="seq=0 must be positive"):
         LayerSpec(seq=0)
     with pytest.raises(ValueError, match="has no scan"):
@@ -149,13 +151,45 @@ def test_cli_report_layer_and_model(monkeypatch, capsys):
     )
     report = json.loads(out)
     assert "pattern=[attention/swiglu]" in report["title"]
+    assert " fp32 " in report["title"]  # the preset's own precision unless --precision
     assert report["backward_peak"] == report["compiled"]["train_step"]["peak"]
     assert report["seq"] == 64 and report["backend"].startswith(jax.default_backend())
 
 
-def test_cli_rejects_model_flags_without_a_model(monkeypatch, capsys):
+def test_cli_flags_make_the_same_report_as_the_spec(monkeypatch, capsys):
+    spec = LayerSpec(layer="lact", checkpoint_group=None, **SPEC)
+    flags = ["--seq", "256", "--batch", "2", "--d-model", "64", "--heads", "4", "--chunk", "64"]
+    out = run_cli(
+        monkeypatch,
+        capsys,
+        "report",
+        "--layer",
+        "lact",
+        *flags,
+        "--checkpoint-group",
+        "none",
+        "--json",
+    )
+    report = json.loads(out)
+    expected = report_of(spec)
+    assert report["title"] == expected.title
+    assert (
+        "LaCTConfig(d_model=64, num_heads=4, num_fw_heads=4, chunk_size=64, rank=16"
+        in (report["title"])
+    )
+    assert "checkpoint_group=None" in report["title"]
+    for name in ("forward", "fwd_bwd"):
+        assert report["compiled"][name] == expected.compiled[name].to_dict()
+
+
+def test_cli_rejects_bad_flags(monkeypatch, capsys):
     with pytest.raises(ValueError, match="need --model"):
         run_cli(monkeypatch, capsys, "report", "--baseline")
+    with pytest.raises(SystemExit):
+        run_cli(monkeypatch, capsys, "report", "--checkpoint-group", "four")
+    assert "'four' is not a positive int, 'none' or 'default'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="valid: none, full, dots"):
+        run_cli(monkeypatch, capsys, "report", "--model", "tiny", "--block-remat", "some")
 
 
 def test_report_dtypes_follow_the_precision():

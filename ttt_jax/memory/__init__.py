@@ -5,6 +5,7 @@ and models, and the planner that fits remat settings and sequence length into a 
 from ttt_jax.memory.analysis import CompiledMemory, MeasuredMemory, compiled_memory, measured_memory
 
 # --- what gets compiled: a layer or a model with its remat settings
+from ttt_jax.memory.layer_spec import LAYERS, LayerSpec
 from ttt_jax.memory.layer_workload import LayerFamily, LayerWorkload, register_layer
 from ttt_jax.memory.model_workload import ModelWorkload
 
@@ -12,10 +13,11 @@ from ttt_jax.memory.model_workload import ModelWorkload
 from ttt_jax.memory.planner import Plan, PlanError, as_workload, parse_bytes, plan
 
 # --- reports
-from ttt_jax.memory.report import LayerSpec, Report, layer_report, workload_report
+from ttt_jax.memory.report import Report, layer_report, workload_report
 from ttt_jax.memory.workload import Program, Remat, Workload
 
 __all__ = [
+    "LAYERS",
     "CompiledMemory",
     "LayerFamily",
     "LayerSpec",

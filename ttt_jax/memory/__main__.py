@@ -3,6 +3,7 @@
 Examples (CPU, abstract shapes, nothing allocated; add --measure to a report on a GPU):
 
     python -m ttt_jax.memory report --layer ttt_linear --seq 8192 --batch 1 --checkpoint-group 4
+    python -m ttt_jax.memory report --layer lact --seq 32768 --checkpoint-group 4
     python -m ttt_jax.memory report --model 125m --seq 8192 --json
     python -m ttt_jax.memory report --model 125m --baseline --seq 8192
     python -m ttt_jax.memory plan --layer ttt_linear --budget 24GiB
@@ -11,77 +12,157 @@ Examples (CPU, abstract shapes, nothing allocated; add --measure to a report on 
 A report compiles the forward, the forward+backward (its peak is the backward peak) and, for a
 model, the training step. A plan searches the longest sequence at `--batch` (or with
 `--search batch` the largest batch at `--seq`) and the remat settings that fit `--budget`.
+
+Plain argparse (no third-party CLI library), so it runs wherever jax and flax do.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-from typing import Literal
+import sys
 
 import jax
-import tyro
 
+from ttt_jax.memory.layer_spec import BACKWARD_LAYERS, LAYERS, LayerSpec
 from ttt_jax.memory.model_workload import ModelWorkload
 from ttt_jax.memory.planner import parse_bytes, plan
-from ttt_jax.memory.report import LayerSpec, workload_report
+from ttt_jax.memory.report import workload_report
 from ttt_jax.memory.workload import Workload
-from ttt_jax.models import preset
+from ttt_jax.models import PRESETS, preset
+from ttt_jax.ops.remat import POLICY_NAMES
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A layer (`--layer` and its shape) or a model preset (`--model`)."""
-
-    spec: tyro.conf.OmitArgPrefixes[LayerSpec] = LayerSpec()
-    model: str | None = None
-    """A preset of ttt_jax.models (tiny, 125m, 350m, 760m); replaces --layer. The layer shape
-    flags are ignored; --precision, --checkpoint-group and --remat-policy (the inner scans')
-    apply."""
-    baseline: bool = False
-    """With --model: its attention-only variant (NAME-attn)."""
-    block_remat: str | None = None
-    """With --model: the block remat policy (none, full, dots, ...; default: the preset's)."""
-
-    def workload(self) -> Workload:
-        s = self.spec
-        if self.model is None:
-            if self.baseline or self.block_remat is not None:
-                raise ValueError("--baseline and --block-remat need --model")
-            return s.workload()
-        config = preset(f"{self.model}-attn" if self.baseline else self.model)
-        knobs = dict(precision=s.precision)
-        if s.checkpoint_group != "default":
-            knobs.update(checkpoint_group=s.checkpoint_group)
-        if s.remat_policy is not None:
-            knobs.update(inner_remat_policy=s.remat_policy)
-        if self.block_remat is not None:
-            knobs.update(block_remat=self.block_remat)
-        return ModelWorkload(dataclasses.replace(config, **knobs))
+def group_arg(text: str) -> int | None | str:
+    """`--checkpoint-group`: an int, `none` (no remat) or `default`."""
+    if text.lower() == "none":
+        return None
+    if text == "default":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive int, 'none' or 'default'"
+        ) from None
 
 
-@dataclasses.dataclass(frozen=True)
-class ReportArgs:
-    """Forward, forward+backward (and training-step) memory of a layer or a model."""
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    d = LayerSpec()
+    layer = p.add_argument_group("layer (ignored with --model but for the scan knobs)")
+    layer.add_argument("--layer", choices=LAYERS, default=d.layer, help="the layer to compile")
+    layer.add_argument("--seq", type=int, default=d.seq, help="sequence length T")
+    layer.add_argument("--batch", type=int, default=d.batch, help="batch size B")
+    layer.add_argument("--d-model", type=int, default=d.d_model, help="model width")
+    layer.add_argument("--heads", type=int, default=d.heads, help="heads (TTT and LaCT)")
+    layer.add_argument("--mini-batch", type=int, default=d.mini_batch, help="TTT mini-batch C")
+    layer.add_argument(
+        "--chunk", type=int, default=None, help="chunk of lact (default 2048) and inplace (1024)"
+    )
+    layer.add_argument("--d-ff", type=int, default=None, help="MLP width of inplace / npt (4d)")
+    layer.add_argument(
+        "--backward",
+        choices=("custom", "autodiff"),
+        default=None,
+        help=f"backward of {' / '.join(BACKWARD_LAYERS)} (default custom)",
+    )
+    knobs = p.add_argument_group("scan knobs and precision (layers and models)")
+    knobs.add_argument(
+        "--checkpoint-group",
+        type=group_arg,
+        default="default",
+        help="inner-scan remat group: an int, none, or default (the config's own: 4 for TTT "
+        "layers and the GPU model presets)",
+    )
+    knobs.add_argument(
+        "--remat-policy",
+        default=None,
+        help=f"policy inside a group: {', '.join(POLICY_NAMES)} (default full)",
+    )
+    knobs.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="fp32, or bf16 compute with fp32 params and state (default: bf16 for a layer, "
+        "the preset's for a model)",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        choices=[n for n in PRESETS if not n.endswith("-attn")],
+        default=None,
+        help="a ttt_jax.models preset instead of --layer",
+    )
+    model.add_argument(
+        "--baseline", action="store_true", help="the preset's attention-only variant (NAME-attn)"
+    )
+    model.add_argument(
+        "--block-remat",
+        default=None,
+        help=f"block remat policy: {', '.join(POLICY_NAMES)} (default: the preset's, none)",
+    )
 
-    target: tyro.conf.OmitArgPrefixes[Target] = Target()
-    json: bool = False
-    """Print JSON instead of the table."""
-    measure: bool = False
-    """Also run on the device and read its allocator (GPU); run one config per process."""
+
+def layer_spec(a: argparse.Namespace) -> LayerSpec:
+    """The `LayerSpec` of the flags (each flag is the field of the same name)."""
+    values = {f.name: getattr(a, f.name) for f in dataclasses.fields(LayerSpec)}
+    return LayerSpec(**dict(values, precision=a.precision or "bf16"))
 
 
-@dataclasses.dataclass(frozen=True)
-class PlanArgs:
-    """Remat settings and the longest sequence (or largest batch) that fit a memory budget."""
+def target_workload(a: argparse.Namespace) -> Workload:
+    """The layer (`--layer` and its shape) or the model preset (`--model`) the flags name."""
+    if a.model is None:
+        if a.baseline or a.block_remat is not None:
+            raise ValueError("--baseline and --block-remat need --model")
+        return layer_spec(a).workload()
+    config = preset(f"{a.model}-attn" if a.baseline else a.model)
+    knobs = {}
+    if a.precision is not None:
+        knobs.update(precision=a.precision)
+    if a.checkpoint_group != "default":
+        knobs.update(checkpoint_group=a.checkpoint_group)
+    if a.remat_policy is not None:
+        knobs.update(inner_remat_policy=a.remat_policy)
+    if a.block_remat is not None:
+        knobs.update(block_remat=a.block_remat)
+    return ModelWorkload(dataclasses.replace(config, **knobs))
 
-    budget: str
-    """Device memory, e.g. 24GiB, 80GB, 1.5e9, or `device` (the GPU's own limit)."""
-    target: tyro.conf.OmitArgPrefixes[Target] = Target()
-    search: Literal["seq", "batch"] = "seq"
-    """What to maximise: the sequence length at --batch, or the batch size at --seq."""
-    json: bool = False
-    """Print JSON instead of the summary."""
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ttt_jax.memory",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    report = sub.add_parser(
+        "report", help="forward, fwd+bwd (and training-step) memory of a layer or a model"
+    )
+    add_target_args(report)
+    report.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    report.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run on the device and read its allocator (GPU); one config per process",
+    )
+    planner = sub.add_parser(
+        "plan", help="remat settings and the longest sequence (largest batch) fitting a budget"
+    )
+    planner.add_argument(
+        "--budget",
+        required=True,
+        help="device memory, e.g. 24GiB, 80GB, 1.5e9, or `device` (the GPU's own limit)",
+    )
+    add_target_args(planner)
+    planner.add_argument(
+        "--search",
+        choices=("seq", "batch"),
+        default="seq",
+        help="maximise the sequence at --batch, or the batch at --seq",
+    )
+    planner.add_argument("--json", action="store_true", help="print JSON instead of the summary")
+    return p
 
 
 def device_budget() -> int:
@@ -91,18 +172,17 @@ def device_budget() -> int:
     return int(stats["bytes_limit"])
 
 
-def main() -> None:
-    args = tyro.extras.subcommand_cli_from_dict({"report": ReportArgs, "plan": PlanArgs})
-    spec = args.target.spec
-    workload = args.target.workload()
-    if isinstance(args, ReportArgs):
-        report = workload_report(workload, spec.batch, spec.seq, measure=args.measure)
-        print(report.to_json() if args.json else report.table())
+def main(argv: list[str] | None = None) -> None:
+    a = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    workload = target_workload(a)
+    if a.command == "report":
+        report = workload_report(workload, a.batch, a.seq, measure=a.measure)
+        print(report.to_json() if a.json else report.table())
         return
-    budget = device_budget() if args.budget == "device" else parse_bytes(args.budget)
-    fixed = dict(seq=spec.seq) if args.search == "batch" else {}
-    result = plan(workload, budget, batch=spec.batch, **fixed)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    budget = device_budget() if a.budget == "device" else parse_bytes(a.budget)
+    fixed = dict(seq=a.seq) if a.search == "batch" else {}
+    result = plan(workload, budget, batch=a.batch, **fixed)
+    print(json.dumps(result.to_dict(), indent=2) if a.json else result.summary())
 
 
 if __name__ == "__main__":

@@ -34,6 +34,19 @@ class CompiledMemory:
     def to_dict(self) -> dict[str, int]:
         return dict(dataclasses.asdict(self), peak=self.peak)
 
+    @classmethod
+    def of(cls, compiled: Any) -> CompiledMemory:
+        """The numbers of a compiled executable's `memory_analysis()`."""
+        stats = compiled.memory_analysis()
+        return cls(
+            argument=int(stats.argument_size_in_bytes),
+            output=int(stats.output_size_in_bytes),
+            temp=int(stats.temp_size_in_bytes),
+            alias=int(stats.alias_size_in_bytes),
+            generated_code=int(stats.generated_code_size_in_bytes),
+            host_temp=int(getattr(stats, "host_temp_size_in_bytes", 0) or 0),
+        )
+
 
 # CPU compile options that leave the memory numbers as they are and make a compile 3-5x faster
 # (most of what the planner spends): buffer assignment runs on the optimised HLO, before the
@@ -50,7 +63,9 @@ FAST_CPU_OPTIONS = {
 _unknown_options: set[str] = set()
 
 
-def _compile(lowered, fast: bool):
+def compile_lowered(lowered, fast: bool = True):
+    """`lowered.compile()`, with `FAST_CPU_OPTIONS` on the CPU when `fast` (the program runs
+    as well, only slower: a benchmark's CPU smoke run uses it)."""
     if not fast or jax.default_backend() != "cpu":
         return lowered.compile()
     options = {k: v for k, v in FAST_CPU_OPTIONS.items() if k not in _unknown_options}
@@ -61,7 +76,7 @@ def _compile(lowered, fast: bool):
         if "No such compile option" not in str(err) or not unknown:
             raise
         _unknown_options.update(unknown)
-        return _compile(lowered, fast)
+        return compile_lowered(lowered, fast)
 
 
 def compiled_memory(
@@ -78,15 +93,7 @@ def compiled_memory(
       fast: on the CPU, compile with `FAST_CPU_OPTIONS`.
     """
     lowered = jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*abstract_args)
-    stats = _compile(lowered, fast).memory_analysis()
-    return CompiledMemory(
-        argument=int(stats.argument_size_in_bytes),
-        output=int(stats.output_size_in_bytes),
-        temp=int(stats.temp_size_in_bytes),
-        alias=int(stats.alias_size_in_bytes),
-        generated_code=int(stats.generated_code_size_in_bytes),
-        host_temp=int(getattr(stats, "host_temp_size_in_bytes", 0) or 0),
-    )
+    return CompiledMemory.of(compile_lowered(lowered, fast))
 
 
 def tree_bytes(tree: Any) -> int:
@@ -104,17 +111,31 @@ class MeasuredMemory:
     `peak` is `peak_bytes_in_use` after the run; `steady` is `bytes_in_use` after it, what
     stays allocated once the step is done (inputs, parameters, optimizer state, outputs);
     `efficiency = steady / peak`, the users' measure of how much of the peak is transient.
+    `pre_peak` is `peak_bytes_in_use` just before the run: the counter has also seen the
+    compile (the GPU autotuner's buffers) and whatever the process did before, so `peak` is
+    the run's own only where the run raised it (`run_sets_peak`); else the run's is at most
+    `peak`. `pre_steady` is `bytes_in_use` just before the run (its arguments and whatever
+    else the process holds); `bytes_limit` the allocator's limit (0 if it reports none).
     """
 
     peak: int
     steady: int
+    pre_peak: int = 0
+    pre_steady: int = 0
+    bytes_limit: int = 0
 
     @property
     def efficiency(self) -> float:
         return self.steady / self.peak if self.peak else float("nan")
 
+    @property
+    def run_sets_peak(self) -> bool:
+        return self.peak > self.pre_peak
+
     def to_dict(self) -> dict[str, float]:
-        return dict(dataclasses.asdict(self), efficiency=self.efficiency)
+        return dict(
+            dataclasses.asdict(self), efficiency=self.efficiency, run_sets_peak=self.run_sets_peak
+        )
 
 
 def measured_memory(
@@ -127,11 +148,23 @@ def measured_memory(
     the next program). The peak counter cannot be reset through JAX: it is the process's peak
     so far, so measure programs in increasing order of peak, or one per fresh process.
     """
-    device = jax.devices()[0]
     compiled = jax.jit(fn, donate_argnums=tuple(donate_argnums)).lower(*args).compile()
+    return run_measured(compiled, *args)
+
+
+def run_measured(compiled: Any, *args: Any) -> tuple[MeasuredMemory | None, Any]:
+    """`measured_memory` of an already compiled executable (`jax.stages.Compiled`)."""
+    device = jax.devices()[0]
+    before = device.memory_stats()
     out = jax.block_until_ready(compiled(*args))
     stats = device.memory_stats()
-    if stats is None:
+    if stats is None or before is None:
         return None, out
-    memory = MeasuredMemory(peak=int(stats["peak_bytes_in_use"]), steady=int(stats["bytes_in_use"]))
+    memory = MeasuredMemory(
+        peak=int(stats["peak_bytes_in_use"]),
+        steady=int(stats["bytes_in_use"]),
+        pre_peak=int(before["peak_bytes_in_use"]),
+        pre_steady=int(before["bytes_in_use"]),
+        bytes_limit=int(stats.get("bytes_limit", 0)),
+    )
     return memory, out

@@ -18,6 +18,8 @@ from ttt_jax.layers import (
     NPTMLP,
     InPlaceMLP,
     InPlaceMLPConfig,
+    LaCTConfig,
+    LaCTLayer,
     MixedPrecision,
     NPTBlock,
     NPTBlockConfig,
@@ -115,6 +117,18 @@ register_layer(
         scan_knobs=lambda c: False,
     ),
 )
+register_layer(
+    LaCTConfig,
+    LayerFamily(
+        name="lact",
+        build=lambda c, p, rngs: LaCTLayer(c, rngs=rngs),
+        apply=lambda m, x: _no_aux(m(x)[0]),
+        d_model=lambda c: c.d_model,
+        precision=lambda c: c.precision,
+        chunk=lambda c: c.chunk_size,
+        scan_knobs=lambda c: True,
+    ),
+)
 
 # Scan remat groups the planner tries, preferred first: G=4 is the fastest TTT setting measured
 # (faster than no remat: benchmarks/RESULTS.md), G=16 keeps 4x fewer carried states.
@@ -129,7 +143,7 @@ class LayerWorkload(Workload):
     parameters and x, so the backward is the one the layer has inside a model.
 
     Attributes:
-      config: the layer config (`TTTConfig`, `InPlaceMLPConfig`, `NPTMLPConfig`, ...).
+      config: the layer config (`TTTConfig`, `LaCTConfig`, `InPlaceMLPConfig`, `NPTMLPConfig`, ...).
       precision: for configs that do not carry their own (`InPlaceMLPConfig`).
     """
 
@@ -190,15 +204,21 @@ class LayerWorkload(Workload):
 
     def describe(self) -> str:
         c = self.config
+        scan_knobs = self.family.scan_knobs(c)
         fields = []
         for f in dataclasses.fields(c):
+            if scan_knobs and f.name in ("checkpoint_group", "remat_policy"):
+                continue  # spelled out below, defaults included
             value = getattr(c, f.name)
             if f.default is dataclasses.MISSING or value != f.default:
                 if isinstance(value, MixedPrecision):
                     value = jnp.dtype(value.compute_dtype).name
                 fields.append(f"{f.name}={value}")
         precision = jnp.dtype(self.mixed_precision.compute_dtype).name
-        return f"{type(c).__name__}({', '.join(fields)}) compute={precision}"
+        line = f"{type(c).__name__}({', '.join(fields)}) compute={precision}"
+        if scan_knobs:
+            line += " " + self.remat.label(block=False)
+        return line
 
     def _build(self, rngs: nnx.Rngs) -> nnx.Module:
         return self.family.build(self.config, self.mixed_precision, rngs)

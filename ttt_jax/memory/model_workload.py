@@ -9,6 +9,7 @@ activation the backward keeps. A trainer with its own loss or optimizer passes t
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -102,7 +103,7 @@ class ModelWorkload(Workload):
                 sizes.append(c.lact_chunk)
             if mlp == "inplace_ttt":
                 sizes.append(c.inplace_chunk)
-        return max(sizes)
+        return math.lcm(*sizes)
 
     def describe(self) -> str:
         c = self.config

@@ -117,11 +117,12 @@ class Plan:
         )
 
     def summary(self) -> str:
+        state = "parameters+optimizer" if self.workload.fit_program == "train_step" else "params"
         return (
             f"{self.workload.describe()}\n"
             f"fits: batch={self.batch} seq={self.seq} ({self.searched} searched), "
             f"peak {fmt_bytes(self.peak)} of budget {fmt_bytes(self.budget)} "
-            f"(parameters+optimizer {fmt_bytes(self.state_bytes)}), "
+            f"({state} {fmt_bytes(self.state_bytes)}), "
             f"{len(self.trials)} compiles"
         )
 
@@ -151,8 +152,9 @@ def plan(
     batch) whose training program fits `budget_bytes`.
 
     Args:
-      config: a `ttt_jax.models.ModelConfig`, a layer config (`TTTConfig`, `InPlaceMLPConfig`,
-        `NPTMLPConfig`, ...; `ttt_jax.memory.layer_workload`) or a `Workload`.
+      config: a `ttt_jax.models.ModelConfig`, a layer config (`TTTConfig`, `LaCTConfig`,
+        `InPlaceMLPConfig`, `NPTMLPConfig`, ...; `ttt_jax.memory.layer_workload`) or a
+        `Workload`.
       budget_bytes: device memory the program may use (bytes).
       batch: batch size when searching the sequence length.
       seq: fix the sequence length and search the batch size instead.

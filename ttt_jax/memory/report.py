@@ -7,93 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Literal
 
 import jax
 
-from ttt_jax.layers import InPlaceMLPConfig, MixedPrecision, NPTMLPConfig, TTTConfig
 from ttt_jax.memory.analysis import CompiledMemory, MeasuredMemory, measured_memory
-from ttt_jax.memory.layer_workload import LayerWorkload
+from ttt_jax.memory.layer_spec import LayerSpec
 from ttt_jax.memory.workload import Workload
 
-LAYERS = ("ttt_linear", "ttt_mlp", "inplace", "npt")
 PROGRAM_TITLES = {"forward": "forward", "fwd_bwd": "fwd+bwd", "train_step": "train step"}
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """A layer at a given shape, as the command line describes it.
-
-    Attributes:
-      layer: one of `LAYERS`: `ttt_linear` / `ttt_mlp` (`TTTLayer`), `inplace`
-        (`InPlaceMLP`, targets from its input), `npt` (`NPTMLP`, low-rank, modulated by its
-        input).
-      seq: sequence length T.
-      batch: batch size B.
-      d_model: model width (the 125M shape is 768 with 12 heads).
-      heads: number of heads (TTT layers).
-      mini_batch: TTT mini-batch size C (ttt_linear, ttt_mlp).
-      chunk: tokens per fast-weight update of `inplace` (None: 1024).
-      d_ff: MLP hidden width of `inplace` / `npt` (None: 4 * d_model).
-      checkpoint_group: inner-scan remat group (None: no remat; "default": the layer config's
-        own default, 4 for TTT layers, none for the others).
-      remat_policy: policy name inside a group.
-      precision: "fp32" or "bf16" (fp32 params and state, bf16 compute).
-    """
-
-    layer: Literal["ttt_linear", "ttt_mlp", "inplace", "npt"] = "ttt_linear"
-    seq: int = 2048
-    batch: int = 1
-    d_model: int = 768
-    heads: int = 12
-    mini_batch: int = 16
-    chunk: int | None = None
-    d_ff: int | None = None
-    checkpoint_group: int | None | Literal["default"] = "default"
-    remat_policy: str | None = None
-    precision: Literal["fp32", "bf16"] = "bf16"
-
-    def __post_init__(self):
-        if self.layer not in LAYERS:
-            raise ValueError(f"layer={self.layer!r} is not one of {', '.join(LAYERS)}")
-        for name in ("seq", "batch"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-
-    def workload(self) -> LayerWorkload:
-        """The layer config this spec names, as a workload (raises the config's own errors)."""
-        precision = MixedPrecision.named(self.precision)
-        d_ff = self.d_ff or 4 * self.d_model
-        knobs = dict(remat_policy=self.remat_policy)
-        if self.checkpoint_group != "default":
-            knobs.update(checkpoint_group=self.checkpoint_group)
-        group = knobs.get("checkpoint_group")
-        if self.layer in ("ttt_linear", "ttt_mlp"):
-            config = TTTConfig(
-                d_model=self.d_model,
-                num_heads=self.heads,
-                inner="linear" if self.layer == "ttt_linear" else "mlp",
-                mini_batch_size=self.mini_batch,
-                precision=precision,
-                **knobs,
-            )
-            return LayerWorkload(config)
-        if self.layer == "inplace":
-            # The autodiff backward is the one the remat knobs act on (the custom one keeps no
-            # per-chunk state); ask for it only when a knob is set.
-            backward = "custom" if group is None else "autodiff"
-            config = InPlaceMLPConfig(
-                d_model=self.d_model,
-                d_ff=d_ff,
-                chunk_size=self.chunk or 1024,
-                target_source="input",
-                backward=backward,
-                **knobs,
-            )
-            return LayerWorkload(config, precision=precision)
-        if group is not None or self.remat_policy is not None:
-            raise ValueError(f"layer={self.layer!r} has no scan: drop checkpoint_group/policy")
-        return LayerWorkload(NPTMLPConfig(d_model=self.d_model, d_ff=d_ff, precision=precision))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +87,7 @@ class Report:
         if self.measured:
             m = [self.measured.get(n) for n in names]
             rows += [
+                ("peak_bytes_in_use before", *(gib(x.pre_peak) if x else "-" for x in m)),
                 ("peak_bytes_in_use", *(gib(x.peak) if x else "-" for x in m)),
                 ("steady bytes_in_use", *(gib(x.steady) if x else "-" for x in m)),
                 ("efficiency steady/peak", *(f"{x.efficiency:.2f}" if x else "-" for x in m)),

@@ -50,11 +50,13 @@ class Remat:
         if self.block_remat is not None:
             resolve_policy(self.block_remat)
 
-    def label(self) -> str:
+    def label(self, block: bool = True) -> str:
+        """`checkpoint_group=.. [remat_policy=..] [block_remat=..]` (`block`: with the last)."""
         parts = [f"checkpoint_group={self.checkpoint_group}"]
         if self.checkpoint_group is not None:
             parts.append(f"remat_policy={self.remat_policy or 'full'}")
-        parts.append(f"block_remat={self.block_remat or 'off'}")
+        if block:
+            parts.append(f"block_remat={self.block_remat or 'off'}")
         return " ".join(parts)
 
 
