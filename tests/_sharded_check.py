@@ -47,6 +47,19 @@ err = max(
     float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
     for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True)
 )
+
+
+def step_temp_bytes(mesh_cfg):
+    """Per-device temporaries of the compiled train step (abstract state, one real batch)."""
+    cfg = dataclasses.replace(base, seq=64, batch_size=16, mesh=mesh_cfg)
+    setup = make_setup(cfg, make_mesh(cfg.mesh.sizes, jax.devices()))
+    batch = sharded_batch(Batches(make_dataset(data, 64).train, 16), 0, 2, setup.batch_sharding)
+    compiled = setup.train_step.lower(setup.abstract_state, batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+temp_dp8 = step_temp_bytes(MeshConfig(data=8, fsdp=1, tensor=1))
+temp_fsdp8 = step_temp_bytes(MeshConfig(data=1, fsdp=8, tensor=1))
 specs = spec_tree(setup.state_shardings["params"])
 actual = jax.tree.map(lambda x: x.sharding.spec, state["params"])
 mu = state["opt_state"][1][0].mu
@@ -68,6 +81,8 @@ print(
             ),
             "mu_w_q": list(mu["groups"]["blocks"][0]["mixer"]["W_q"].sharding.spec),
             "batch": list(setup.batch_sharding.spec),
+            "temp_dp8": temp_dp8,
+            "temp_fsdp8": temp_fsdp8,
         }
     )
 )

@@ -9,14 +9,16 @@ is always correct, only less memory-efficient. Batches are split over `(data, fs
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ttt_jax.models.lm import BATCH_AXES
+
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
 # Logical name -> mesh axis. Names from ttt_jax.layers.common; `layers` is the scan axis.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
@@ -150,3 +152,15 @@ def check_batch(batch_size: int, grad_accum: int, mesh: Mesh) -> int:
             f" = {ways} (remainder {micro % ways})"
         )
     return micro
+
+
+def under_mesh(mesh: Mesh, fn):
+    """`fn` traced with `mesh` as the abstract mesh in context, so that the model's
+    `constrain_batch` keeps activations split over the batch axes."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return wrapped

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from train.optim import make_optimizer, schedule
-from train.sharding import batch_sharding, like_params, param_shardings, replicated
+from train.sharding import batch_sharding, like_params, param_shardings, replicated, under_mesh
 from train.step import make_eval_step, make_train_step
 from ttt_jax.models import LM, ModelConfig
 
@@ -80,13 +80,16 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
     )
     b_sh = {k: batch_sharding(mesh) for k in BATCH_KEYS}
     train_step = jax.jit(
-        make_train_step(graphdef, tx, cfg.nonfinite == "skip", cfg.data.uses_segments),
+        under_mesh(
+            mesh,
+            make_train_step(graphdef, tx, cfg.nonfinite == "skip", cfg.data.uses_segments),
+        ),
         in_shardings=(state_sh, b_sh),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(graphdef, cfg.data.uses_segments),
+        under_mesh(mesh, make_eval_step(graphdef, cfg.data.uses_segments)),
         in_shardings=(p_sh, b_sh),
         out_shardings=rep,
     )

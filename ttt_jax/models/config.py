@@ -58,6 +58,7 @@ class ModelConfig:
       lact_heads: fast-weight heads of LaCT mixers (None: num_heads); `d_model / lact_heads`
         must be even.
       lact_rank: rank of LaCT's low-rank fast-weight starts, capped at the head width.
+      lact_muon: LaCT mixers orthogonalise their updates with Muon (momentum is always on).
       inplace_chunk: chunk size of In-Place TTT MLPs.
       inplace_target: "embeddings" or "input" (`InPlaceMLPConfig.target_source`).
       npt_rank: rank of NPT MLPs' modulation.
@@ -89,6 +90,7 @@ class ModelConfig:
     lact_window: int = 2048
     lact_heads: int | None = None
     lact_rank: int = 32
+    lact_muon: bool = False
     inplace_chunk: int = 256
     inplace_target: str = "embeddings"
     npt_rank: int = 16

@@ -6,6 +6,10 @@
 | `125m` | 768 | 12 | 12 | 2048 | 32000 | attention/swiglu, ttt_linear/swiglu |
 | `350m` | 1024 | 24 | 16 | 2736 | 32000 | attention/swiglu, ttt_linear/swiglu |
 | `760m` | 1536 | 24 | 16 | 4096 | 32000 | attention/swiglu, ttt_linear/swiglu |
+| `lact-760m` | 1536 | 24 | 24 | 4096 | 32000 | lact/swiglu (4 fw heads x 384, rank 32, Muon) |
+
+`lact-760m` is the LaCT paper's 760M shape (every block a LaCT layer: sliding-window attention
+over 2048 tokens plus SwiGLU fast weights updated every 2048 tokens, with momentum and Muon).
 
 `tiny` computes in fp32 with the TTT scan not unrolled (what is fastest on a CPU); the others
 use the bf16 policy (fp32 params and fast-weight state, bf16 compute), TTT checkpoint groups of
@@ -64,6 +68,17 @@ _BASE = {
         d_ff=4096,
         pattern=TTT_EVERY_OTHER,
         checkpoint_group=4,
+    ),
+    "lact-760m": ModelConfig(
+        vocab_size=32000,
+        d_model=1536,
+        num_layers=24,
+        num_heads=24,
+        d_ff=4096,
+        pattern=("lact/swiglu",),
+        lact_heads=4,
+        lact_rank=32,
+        lact_muon=True,
     ),
 }
 

@@ -120,6 +120,7 @@ def _lact(c: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         window=c.lact_window,
         chunk_size=c.lact_chunk,
         rank=min(c.lact_rank, c.d_model // heads),
+        use_muon=c.lact_muon,
         rope_theta=c.rope_theta,
         attention_impl=c.attention_impl,
         precision=c.mixed_precision,
