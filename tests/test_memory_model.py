@@ -13,8 +13,8 @@ made with full block remat, where each block keeps only its input and the scores
 transient of one block's backward in both models: there the TTT blocks' own residuals are what
 differs. `benchmarks/bench_memory_model.py` measures the same on a GPU, with cuDNN flash
 attention (benchmarks/RESULTS.md, H100, 125m at T=8192): 1.02x with full block remat, 1.00x
-with `dots_no_batch` block remat, but 1.21x with the preset's settings (scan groups only), which
-the CPU test cannot see because the scores hide it.
+with `dots_no_batch` block remat (now the GPU presets' default), but 1.21x with scan groups only
+and no block remat, which the CPU test cannot see because the scores hide it.
 """
 
 import dataclasses

@@ -13,7 +13,11 @@ over 2048 tokens plus SwiGLU fast weights updated every 2048 tokens, with moment
 
 `tiny` computes in fp32 with the TTT scan not unrolled (what is fastest on a CPU); the others
 use the bf16 policy (fp32 params and fast-weight state, bf16 compute), TTT checkpoint groups of
-4 chunks and unroll 4 (the fastest measured on an H100, `TTTConfig`).
+4 chunks and unroll 4 (the fastest measured on an H100, `TTTConfig`), and block remat
+`dots_no_batch` (each block keeps its weight-stationary matmul outputs and recomputes the rest):
+on an H100 the 125m TTT model's training step then peaks at 1.00x the attention-only model's
+(6.54 vs 6.52 GB at T=8192) where without block remat it needed 1.21x (12.43 vs 10.27 GB;
+benchmarks/RESULTS.md).
 
 So in every preset TTT-Linear replaces attention in every other block (blocks 1, 3, 5, ...),
 with attention in the others. `NAME-attn` is the same model with attention in all blocks, the
@@ -50,6 +54,7 @@ _BASE = {
         d_ff=2048,
         pattern=TTT_EVERY_OTHER,
         checkpoint_group=4,
+        block_remat="dots_no_batch",
     ),
     "350m": ModelConfig(
         vocab_size=32000,
@@ -59,6 +64,7 @@ _BASE = {
         d_ff=2736,
         pattern=TTT_EVERY_OTHER,
         checkpoint_group=4,
+        block_remat="dots_no_batch",
     ),
     "760m": ModelConfig(
         vocab_size=32000,
@@ -68,6 +74,7 @@ _BASE = {
         d_ff=4096,
         pattern=TTT_EVERY_OTHER,
         checkpoint_group=4,
+        block_remat="dots_no_batch",
     ),
     "lact-760m": ModelConfig(
         vocab_size=32000,
@@ -79,6 +86,7 @@ _BASE = {
         lact_heads=4,
         lact_rank=32,
         lact_muon=True,
+        block_remat="dots_no_batch",
     ),
 }
 
