@@ -17,7 +17,9 @@ use the bf16 policy (fp32 params and fast-weight state, bf16 compute), TTT check
 `dots_no_batch` (each block keeps its weight-stationary matmul outputs and recomputes the rest):
 on an H100 the 125m TTT model's training step then peaks at 1.00x the attention-only model's
 (6.54 vs 6.52 GB at T=8192) where without block remat it needed 1.21x (12.43 vs 10.27 GB;
-benchmarks/RESULTS.md).
+benchmarks/RESULTS.md). `lact-760m` instead defaults to `full` block remat: on two H200s
+(FSDP, one 32768-token sequence per GPU) `dots_no_batch` peaked at 60.9 GiB per GPU against 18.9
+GiB for `full`, for a step only 1.5% faster (1.615 vs 1.640 s).
 
 So in every preset TTT-Linear replaces attention in every other block (blocks 1, 3, 5, ...),
 with attention in the others. `NAME-attn` is the same model with attention in all blocks, the
@@ -86,7 +88,7 @@ _BASE = {
         lact_heads=4,
         lact_rank=32,
         lact_muon=True,
-        block_remat="dots_no_batch",
+        block_remat="full",
     ),
 }
 
