@@ -2,9 +2,10 @@
 
 H=4 fast-weight heads, D = Dh = 384, chunk C=2048, momentum on, weight norm on, bf16 q/k/v,
 fp32 rates, momentum, weights and fast-weight state; T in {8192, 32768}, B in {1, 4}, Muon off
-and on. Variants side by side in one run: `custom` (the custom VJP, `backward="custom"`) and
-autodiff through the chunk scan with checkpoint groups (`autodiff_g<G>`: `checkpoint_group=G`;
-plain `autodiff` has no remat; `custom_g<G>` saves every G-th boundary state).
+and on (`--muon fp32` adds Muon with float32 Newton-Schulz matmuls, the op's `muon_dtype`).
+Variants side by side in one run: `custom` (the custom VJP, `backward="custom"`) and autodiff
+through the chunk scan with checkpoint groups (`autodiff_g<G>`: `checkpoint_group=G`; plain
+`autodiff` has no remat; `custom_g<G>` saves every G-th boundary state).
 
 Measured per config, each in a fresh process (so the allocator peak is that config's own):
 forward and forward+backward (gradients w.r.t. q, k, v, the three rates, the momentum and w0,
@@ -116,7 +117,11 @@ def run_one(cfg: dict) -> dict:
     backward, group = parse_variant(cfg["variant"])
 
     knobs = dict(
-        chunk_size=cfg["chunk"], use_muon=cfg["muon"], checkpoint_group=group, backward=backward
+        chunk_size=cfg["chunk"],
+        use_muon=cfg["muon"],
+        muon_dtype=cfg.get("muon_dtype"),
+        checkpoint_group=group,
+        backward=backward,
     )
 
     def forward(q, k, v, lr0, lr1, lr2, beta, w0, w1, w2):
@@ -146,18 +151,15 @@ def run_one(cfg: dict) -> dict:
 
 def with_ratios(rows: list[dict], peak_tflops: float | None) -> list[dict]:
     """Adds each row's fraction of the matmul peak, and its time and peak over `custom`'s."""
-    custom = {
-        (r["batch"], r["seq"], r["muon"]): r
-        for r in rows
-        if r.get("variant") == "custom" and "error" not in r
-    }
+    row_key = lambda r: (r["batch"], r["seq"], r["muon"], r.get("muon_dtype"))  # noqa: E731
+    custom = {row_key(r): r for r in rows if r.get("variant") == "custom" and "error" not in r}
     for r in rows:
         if "error" in r:
             continue
         if peak_tflops:
             for name in ("fwd", "fwdbwd"):
                 r[f"{name}_peak_pct"] = 100 * r[f"{name}_tflops"] / peak_tflops
-        base = custom.get((r["batch"], r["seq"], r["muon"]))
+        base = custom.get(row_key(r))
         if base is None:
             continue
         for key in ("fwdbwd_median_ms", "fwdbwd_peak_gb"):
@@ -170,6 +172,7 @@ COLUMNS = [
     ("batch", "B"),
     ("seq", "T"),
     ("muon", "muon"),
+    ("muon_dtype", "Newton-Schulz dtype"),
     ("variant", "variant"),
     ("fwd_median_ms", "fwd ms"),
     ("fwdbwd_median_ms", "fwd+bwd ms"),
@@ -192,7 +195,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--seqs", nargs="+", type=int, help="default 8192 32768")
     p.add_argument("--batches", nargs="+", type=int, help="default 1 4")
-    p.add_argument("--muon", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--muon", nargs="+", default=["off", "on"], choices=["off", "on", "fp32"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--matmul-n", type=int, help="side of the peak matmul (default 8192)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per config")
@@ -233,7 +236,8 @@ def main() -> None:
                     cfg = dict(
                         batch=b,
                         seq=t,
-                        muon=muon == "on",
+                        muon=muon != "off",
+                        muon_dtype="float32" if muon == "fp32" else None,
                         variant=v,
                         heads=shape["heads"],
                         d=shape["d"],

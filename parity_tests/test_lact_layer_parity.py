@@ -154,7 +154,14 @@ def check_layer_parity(overrides, t, with_state, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overrides", [dict(), dict(use_muon=True, learnable_scale=True)])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(use_muon=True, learnable_scale=True),
+        dict(use_muon=True, learnable_scale=True, muon_dtype="float32"),
+    ],
+)
 def test_layer_parity_bf16_gpu(overrides):
     cfg = config(
         d_model=64,

@@ -210,6 +210,7 @@ def field_error(field, value, message, **base):
         field_error("base_lr", 0.0, "LaCTConfig.base_lr must be a finite number > 0, got 0.0"),
         field_error("norm_eps", math.nan, "LaCTConfig.norm_eps must be a finite number > 0"),
         field_error("use_muon", 1, "LaCTConfig.use_muon must be a bool, got 1"),
+        field_error("muon_dtype", "fp16", "LaCTConfig.muon_dtype='fp16' is not one of"),
         field_error("backward", "manual", "LaCTConfig.backward='manual' is not one of"),
         field_error("attention_impl", "flash", "LaCTConfig.attention_impl='flash' is not one of"),
         field_error("precision", "bf16", "LaCTConfig.precision must be a MixedPrecision"),

@@ -53,6 +53,8 @@ from ttt_jax.ops.lact import LaCTState, lact_low_rank_weight, lact_swiglu
 from ttt_jax.ops.lact_vjp import BACKWARDS
 from ttt_jax.ops.rope import rope
 
+MUON_DTYPES = ("float32", "bfloat16")
+
 L2_EPS = 1e-6
 
 
@@ -72,6 +74,9 @@ class LaCTConfig:
       base_lr: the rates' value at init (`softplus(b_lr) = base_lr`).
       use_momentum: momentum from `sigmoid(x W_m)` (per-chunk mean in the op).
       use_muon: orthogonalise every update (Newton-Schulz, 5 steps).
+      muon_dtype: "float32" or "bfloat16", operand dtype of the Newton-Schulz matmuls; None:
+        the compute dtype (the op's `muon_dtype`: under bf16 compute float32 brings the state
+        3-4x closer to fp32 for 2.2x the Muon op's time).
       weight_norm: rescale the fast weights' rows to the start's row norms after each update.
       learnable_scale: multiply the normalised TTT output by `silu(x W_s)`, one scale per head.
       rope_theta: RoPE base of both branches.
@@ -92,6 +97,7 @@ class LaCTConfig:
     base_lr: float = 1e-3
     use_momentum: bool = True
     use_muon: bool = False
+    muon_dtype: str | None = None
     weight_norm: bool = True
     learnable_scale: bool = False
     rope_theta: float = 10000.0
@@ -128,6 +134,8 @@ class LaCTConfig:
         for f in ("use_momentum", "use_muon", "weight_norm", "learnable_scale", "debug"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"LaCTConfig.{f} must be a bool, got {getattr(self, f)!r}")
+        if self.muon_dtype is not None:
+            check_choice("LaCTConfig.muon_dtype", self.muon_dtype, MUON_DTYPES)
         check_choice("LaCTConfig.attention_impl", self.attention_impl, IMPLEMENTATIONS)
         check_choice("LaCTConfig.backward", self.backward, BACKWARDS)
         if not isinstance(self.precision, MixedPrecision):
@@ -324,6 +332,7 @@ class LaCTLayer(nnx.Module):
             chunk_size=c.chunk_size,
             momentum=beta,
             use_muon=c.use_muon,
+            muon_dtype=c.muon_dtype,
             weight_norm=c.weight_norm,
             initial_state=cache.ttt,
             checkpoint_group=c.checkpoint_group,

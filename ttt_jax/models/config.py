@@ -59,6 +59,8 @@ class ModelConfig:
         must be even.
       lact_rank: rank of LaCT's low-rank fast-weight starts, capped at the head width.
       lact_muon: LaCT mixers orthogonalise their updates with Muon (momentum is always on).
+      lact_muon_dtype: "float32" or "bfloat16" Newton-Schulz matmuls (None: the compute dtype;
+        `LaCTConfig.muon_dtype`).
       inplace_chunk: chunk size of In-Place TTT MLPs.
       inplace_target: "embeddings" or "input" (`InPlaceMLPConfig.target_source`).
       npt_rank: rank of NPT MLPs' modulation.
@@ -91,6 +93,7 @@ class ModelConfig:
     lact_heads: int | None = None
     lact_rank: int = 32
     lact_muon: bool = False
+    lact_muon_dtype: str | None = None
     inplace_chunk: int = 256
     inplace_target: str = "embeddings"
     npt_rank: int = 16

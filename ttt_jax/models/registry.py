@@ -121,6 +121,7 @@ def _lact(c: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         chunk_size=c.lact_chunk,
         rank=min(c.lact_rank, c.d_model // heads),
         use_muon=c.lact_muon,
+        muon_dtype=c.lact_muon_dtype,
         rope_theta=c.rope_theta,
         attention_impl=c.attention_impl,
         precision=c.mixed_precision,

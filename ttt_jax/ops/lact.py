@@ -55,9 +55,8 @@ def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict
     for name in ("use_muon", "weight_norm", "debug"):
         _check_bool(name, knobs[name])
     check_float(q=q, k=k, v=v, momentum=momentum, w0=w0, w1=w1, w2=w2, **rates)
-    state_dtype = knobs["state_dtype"]
-    if not jnp.issubdtype(jnp.dtype(state_dtype), jnp.floating):
-        raise ValueError(f"state_dtype must be a float dtype, got {state_dtype}")
+    for name in ("state_dtype", "muon_dtype"):
+        _check_float_dtype(name, knobs[name], optional=name == "muon_dtype")
     tokens = ("B", "T", "H", "D")
     specs = [
         ("q", q, tokens),
@@ -86,6 +85,18 @@ def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict
     return dims
 
 
+def _check_float_dtype(name: str, dtype, optional: bool) -> None:
+    if optional and dtype is None:
+        return
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        what = "a float dtype or None" if optional else "a float dtype"
+        raise ValueError(f"{name} must be {what}, got {dtype!r}")
+
+
 def _check_finite(**arrays: jax.Array | None) -> None:
     """`debug=True`: a `checkify` check per array, naming it, that every value is finite.
 
@@ -112,6 +123,7 @@ def lact_swiglu(
     chunk_size: int = 2048,
     momentum: jax.Array | None = None,
     use_muon: bool = False,
+    muon_dtype=None,
     weight_norm: bool = True,
     initial_state: LaCTState | None = None,
     checkpoint_group: int | None = None,
@@ -139,6 +151,12 @@ def lact_swiglu(
       momentum: `[B, T, H]` momentum coefficients beta (in [0, 1), a sigmoid in the layer); each
         chunk uses their mean. None: no momentum.
       use_muon: orthogonalise each update with Newton-Schulz (SPEC 3.2 coefficients).
+      muon_dtype: operand dtype of the Newton-Schulz matmuls (the iterate stays fp32 between
+        steps). None: q's dtype. Newton-Schulz amplifies rounding (it pushes every singular
+        value, small noisy ones included, towards 1): with bf16 matmuls the state after a few
+        chunks is 3-6e-2 away from the fp32 op on the same inputs, 1-2e-2 with float32
+        (`tests/test_lact_muon_dtype.py`), which costs 2.2x the bf16 Muon time on an H100
+        (B=4, T=32768: 203 vs 94 ms fwd+bwd; benchmarks/RESULTS.md).
       weight_norm: rescale rows after each update (default on).
       initial_state: state to continue from (`LaCTState`, `[B, H, ...]`); None starts every
         sample at `w0, w1, w2` with zero momentum.
@@ -165,6 +183,7 @@ def lact_swiglu(
     knobs = dict(
         chunk_size=chunk_size,
         use_muon=use_muon,
+        muon_dtype=muon_dtype,
         weight_norm=weight_norm,
         debug=debug,
         checkpoint_group=checkpoint_group,
@@ -182,6 +201,7 @@ def lact_swiglu(
         use_muon=use_muon,
         weight_norm=weight_norm,
         compute_dtype=jnp.dtype(q.dtype),
+        muon_dtype=jnp.dtype(q.dtype if muon_dtype is None else muon_dtype),
         state_dtype=sd,
         checkpoint_group=checkpoint_group,
         remat_policy=remat_policy,

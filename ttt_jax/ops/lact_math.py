@@ -57,6 +57,7 @@ class ChunkConfig(NamedTuple):
     use_muon: bool
     weight_norm: bool
     compute_dtype: jnp.dtype
+    muon_dtype: jnp.dtype
     state_dtype: jnp.dtype
     checkpoint_group: int | None
     remat_policy: str | None
@@ -196,7 +197,7 @@ def update_state(state: FastState, chunk: Chunk, ref_norms, cfg: ChunkConfig) ->
         ms = tuple((g + beta * m).astype(sd) for g, m in zip(gs, ms, strict=True))
         gs = ms
     if cfg.use_muon:
-        gs = orthogonalise(gs, cfg.compute_dtype)
+        gs = orthogonalise(gs, cfg.muon_dtype)
     ws = tuple((w + g).astype(sd) for w, g in zip(ws, gs, strict=True))
     if cfg.weight_norm:
         ws = tuple(renormalise_rows(w, n).astype(sd) for w, n in zip(ws, ref_norms, strict=True))
