@@ -467,6 +467,8 @@ def bad_cases():
     yield "backward", dict(backward="manual")
     yield "checkpoint_group", dict(checkpoint_group=0)
     yield "remat_policy", dict(remat_policy="some")
+    yield "state_dtype", dict(state_dtype=jnp.int32)
+    yield "state_dtype", dict(state_dtype="floaty")
 
 
 @pytest.mark.parametrize("name,override", list(bad_cases()), ids=lambda x: str(x)[:20])

@@ -434,7 +434,7 @@ BAD = [
     (dict(q=zeros(B, 8, H, D, dtype=np.int32)), "q must have a floating dtype, got int32"),
     (dict(v=zeros(B, 8, H, D, dtype=jnp.bfloat16)), "q, k, v must share a dtype"),
     (dict(state_dtype=jnp.int32), "state_dtype must be a float dtype"),
-    (dict(muon_dtype="int8"), "muon_dtype must be a float dtype or None, got 'int8'"),
+    (dict(muon_dtype="int8"), "muon_dtype must be a float dtype, got 'int8'"),
     (dict(initial_state="state"), "initial_state must be a LaCTState"),
     (dict(initial_state=_bad_state), "initial_state.m1 has shape (2, 2, 4, 7) but"),
 ]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from ttt_jax.layers import BF16, TTTMLP, TTTConfig, TTTLayer, TTTLinear
+from ttt_jax.layers import BF16, TTTMLP, MixedPrecision, TTTConfig, TTTLayer, TTTLinear
 from ttt_jax.testing import rel_err
 
 
@@ -125,6 +125,12 @@ def test_default_knobs_match_plain_autodiff_to_rounding():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TTTConfig(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, "floaty"])
+def test_mixed_precision_names_a_non_float_dtype(dtype):
+    with pytest.raises(ValueError, match="MixedPrecision.compute_dtype must be a float dtype"):
+        MixedPrecision(compute_dtype=dtype)
 
 
 def test_named_classes_check_inner():

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt_jax.ops.checks import check_float_dtype
 from ttt_jax.ops.ttt_common import wide_dtype
 
 
@@ -34,9 +35,7 @@ class MixedPrecision:
 
     def __post_init__(self):
         for field in ("param_dtype", "compute_dtype", "state_dtype"):
-            dtype = jnp.dtype(getattr(self, field))
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(f"MixedPrecision.{field} must be a float dtype, got {dtype}")
+            check_float_dtype(f"MixedPrecision.{field}", getattr(self, field))
 
     @classmethod
     def named(cls, name: str) -> MixedPrecision:

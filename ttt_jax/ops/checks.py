@@ -75,6 +75,17 @@ def check_float(**arrays: object) -> None:
             raise ValueError(f"{name} must have a floating dtype, got {dtype}")
 
 
+def check_float_dtype(name: str, dtype: object) -> jnp.dtype:
+    """Returns `jnp.dtype(dtype)` if it names a floating dtype, else raises naming `name`."""
+    try:
+        value = jnp.dtype(dtype)
+    except TypeError:
+        value = None
+    if value is None or not jnp.issubdtype(value, jnp.floating):
+        raise ValueError(f"{name} must be a float dtype, got {dtype!r}")
+    return value
+
+
 def check_positive_int(name: str, value: object) -> int:
     """Returns `value` if it is a positive Python int, else raises naming `name`."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -33,7 +33,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ttt_jax.ops.checks import check_choice, check_float, check_positive_int, check_shapes
+from ttt_jax.ops.checks import (
+    check_choice,
+    check_float,
+    check_float_dtype,
+    check_positive_int,
+    check_shapes,
+)
 from ttt_jax.ops.chunked_scan import check_scan_knobs
 from ttt_jax.ops.inplace_prefix import BACKWARDS, PREFIXES, PrefixConfig
 from ttt_jax.ops.inplace_segments import gather_time, slot_layout
@@ -71,8 +77,7 @@ def _check_args(
     check_choice("prefix", prefix, PREFIXES)
     check_choice("backward", backward, BACKWARDS)
     check_float(z=z, target=target, w_down=w_down, w_target=w_target, conv_kernel=conv_kernel)
-    if not jnp.issubdtype(jnp.dtype(state_dtype), jnp.floating):
-        raise ValueError(f"state_dtype must be a float dtype, got {state_dtype}")
+    check_float_dtype("state_dtype", state_dtype)
     specs = [
         ("z", z, ("B", "T", "F")),
         ("target", target, ("B", "T", "d")),

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 from flax import struct
 from jax.experimental import checkify
 
-from ttt_jax.ops.checks import check_choice, check_float, check_positive_int, check_shapes
+from ttt_jax.ops.checks import (
+    check_choice,
+    check_float,
+    check_float_dtype,
+    check_positive_int,
+    check_shapes,
+)
 from ttt_jax.ops.chunked_scan import check_scan_knobs
 from ttt_jax.ops.lact_math import Chunk, ChunkConfig, row_norms
 from ttt_jax.ops.lact_vjp import BACKWARDS, lact_reads
@@ -55,8 +61,9 @@ def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict
     for name in ("use_muon", "weight_norm", "debug"):
         _check_bool(name, knobs[name])
     check_float(q=q, k=k, v=v, momentum=momentum, w0=w0, w1=w1, w2=w2, **rates)
-    for name in ("state_dtype", "muon_dtype"):
-        _check_float_dtype(name, knobs[name], optional=name == "muon_dtype")
+    check_float_dtype("state_dtype", knobs["state_dtype"])
+    if knobs["muon_dtype"] is not None:
+        check_float_dtype("muon_dtype", knobs["muon_dtype"])
     tokens = ("B", "T", "H", "D")
     specs = [
         ("q", q, tokens),
@@ -83,18 +90,6 @@ def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_scan_knobs(knobs["checkpoint_group"], knobs["remat_policy"])
     return dims
-
-
-def _check_float_dtype(name: str, dtype, optional: bool) -> None:
-    if optional and dtype is None:
-        return
-    try:
-        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-    except TypeError:
-        ok = False
-    if not ok:
-        what = "a float dtype or None" if optional else "a float dtype"
-        raise ValueError(f"{name} must be {what}, got {dtype!r}")
 
 
 def _check_finite(**arrays: jax.Array | None) -> None:
