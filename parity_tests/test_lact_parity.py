@@ -24,7 +24,7 @@ import torch
 from convert import lact_state_to_torch, to_numpy, to_torch
 
 import ttt_torch_ref
-from ttt_jax.ops.lact import LaCTState, lact_swiglu
+from ttt_jax.ops.lact.op import LaCTState, lact_swiglu
 from ttt_jax.testing import GPU_BF16_TOL, OP_TOL, rel_err
 
 B, H, D, DH = 2, 2, 4, 6

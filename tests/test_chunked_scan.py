@@ -6,7 +6,7 @@ import pytest
 from jax import lax
 
 from ttt_jax.ops import chunked_scan
-from ttt_jax.ops.remat import POLICY_NAMES, resolve_policy
+from ttt_jax.ops.core.remat import POLICY_NAMES, resolve_policy
 from ttt_jax.testing import rel_err
 
 

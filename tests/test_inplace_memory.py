@@ -28,8 +28,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.inplace_targets import chunk_targets
-from ttt_jax.ops.inplace_ttt import inplace_ttt
+from ttt_jax.ops.inplace.op import inplace_ttt
+from ttt_jax.ops.inplace.targets import chunk_targets
 
 Bn, D, F, C = 1, 2048, 6144, 1024
 T_LONG, T_SHORT = 32768, 8192

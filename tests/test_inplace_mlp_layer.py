@@ -12,7 +12,7 @@ from flax import nnx
 
 from ttt_jax.layers.common import BF16, FP32
 from ttt_jax.layers.inplace_mlp import InPlaceMLP, InPlaceMLPConfig
-from ttt_jax.ops.inplace_ttt import inplace_ttt
+from ttt_jax.ops.inplace.op import inplace_ttt
 
 Bn, T, D, F, C = 2, 11, 8, 12, 4
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ttt_jax.ops.inplace_ttt import InPlaceState, inplace_ttt
+from ttt_jax.ops.inplace.op import InPlaceState, inplace_ttt
 
 HI = jax.lax.Precision.HIGHEST
 Bn, T, F, D, C = 2, 23, 7, 5, 4

@@ -28,7 +28,7 @@ from memory_helpers import run_fast
 
 from ttt_jax.memory.analysis import compile_lowered
 from ttt_jax.ops import LaCTState, lact_low_rank_weight, lact_swiglu
-from ttt_jax.ops.lact_math import newton_schulz5
+from ttt_jax.ops.lact.math import newton_schulz5
 from ttt_jax.testing import GPU_BF16_TOL, OP_TOL, rel_err
 
 B, H, D, DH, C = 2, 2, 4, 6, 4

@@ -23,7 +23,7 @@ from ttt_jax.layers import TTTConfig, TTTLayer
 from ttt_jax.memory import Remat
 from ttt_jax.memory.model_workload import next_token_loss
 from ttt_jax.models import LM, ModelConfig
-from ttt_jax.ops.remat import POLICY_NAMES, resolve_policy
+from ttt_jax.ops.core.remat import POLICY_NAMES, resolve_policy
 from ttt_jax.testing import LAYER_TOL, OP_TOL, rel_err
 
 on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, param
-from ttt_jax.ops.checks import check_choice, check_optional_positive_int, check_positive_int
+from ttt_jax.ops.core import check_choice, check_optional_positive_int, check_positive_int
 from ttt_jax.ops.rope import rope
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")

@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.ops.checks import check_float_dtype
-from ttt_jax.ops.ttt_common import wide_dtype
+from ttt_jax.ops.core import check_float_dtype, wide_dtype
 
 
 @dataclasses.dataclass(frozen=True)

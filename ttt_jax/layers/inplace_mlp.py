@@ -5,7 +5,7 @@
     O_i = Z_i (W_down + eta * sum_{j<i} V_j^T Z_j)^T
 
 `X0` is the token embeddings (passed in by the model, `target_source="embeddings"`) or the MLP
-input itself (`"input"`). The math and memory behaviour are `ttt_jax.ops.inplace_ttt`'s.
+input itself (`"input"`). The math and memory behaviour are `ttt_jax.ops.inplace.op`'s.
 
 Parameters (logical axes): `w_gate, w_up, w_down: [d, F]` (embed, mlp), `W_down` applied as
 `Z W_down^T` as in SPEC 3.3; `ttt_conv: [K, d]` (conv, embed), K = 5 (`centered`) or 2
@@ -32,12 +32,8 @@ from flax import nnx, struct
 from jax import lax
 
 from ttt_jax.layers.common import FP32, MixedPrecision, dense, gelu_tanh, normal, param, zeros
-from ttt_jax.ops.checks import check_shapes
-from ttt_jax.ops.chunked_scan import check_scan_knobs
-from ttt_jax.ops.inplace_prefix import BACKWARDS, PREFIXES
-from ttt_jax.ops.inplace_targets import CONV_KERNEL_SIZES
-from ttt_jax.ops.inplace_ttt import InPlaceState, inplace_ttt
-from ttt_jax.ops.ttt_common import matmul
+from ttt_jax.ops.core import check_scan_knobs, check_shapes, matmul
+from ttt_jax.ops.inplace import BACKWARDS, CONV_KERNEL_SIZES, PREFIXES, InPlaceState, inplace_ttt
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": gelu_tanh}
 TARGET_SOURCES = ("embeddings", "input")

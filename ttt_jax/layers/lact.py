@@ -47,10 +47,13 @@ from ttt_jax.layers.common import (
     wide_dtype,
     zeros,
 )
-from ttt_jax.ops.checks import check_choice, check_optional_positive_int, check_positive_int
-from ttt_jax.ops.chunked_scan import check_scan_knobs
-from ttt_jax.ops.lact import LaCTState, lact_low_rank_weight, lact_swiglu
-from ttt_jax.ops.lact_vjp import BACKWARDS
+from ttt_jax.ops.core import (
+    check_choice,
+    check_optional_positive_int,
+    check_positive_int,
+    check_scan_knobs,
+)
+from ttt_jax.ops.lact import BACKWARDS, LaCTState, lact_low_rank_weight, lact_swiglu
 from ttt_jax.ops.rope import rope
 
 MUON_DTYPES = ("float32", "bfloat16")

@@ -33,13 +33,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.common import FP32, MixedPrecision, dense, normal, param
-from ttt_jax.ops.checks import check_choice, check_positive_int, check_shapes
+from ttt_jax.ops.core import check_choice, check_positive_int, check_shapes, matmul
 from ttt_jax.ops.npt import (
     npt_generated_rank_k_linear,
     npt_modulated_linear,
     npt_rank_k_linear,
 )
-from ttt_jax.ops.ttt_common import matmul
 
 MODULATIONS = ("low_rank", "rank_k", "none")
 RANK_K_FORMS = ("factored", "vectors")

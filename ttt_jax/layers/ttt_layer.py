@@ -38,11 +38,9 @@ from ttt_jax.layers.common import (
     zeros,
 )
 from ttt_jax.ops.causal_conv import causal_conv
-from ttt_jax.ops.checks import check_choice, check_positive_int
-from ttt_jax.ops.chunked_scan import check_scan_knobs
+from ttt_jax.ops.core import check_choice, check_positive_int, check_scan_knobs
 from ttt_jax.ops.rope import rope
-from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
-from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
+from ttt_jax.ops.ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +60,7 @@ class TTTConfig:
       checkpoint_group: inner-scan remat group size (None: no remat). Default 4 with
         unroll 4: on an H100 (B=8, T=32768, TTT-Linear op) the fastest setting measured,
         150 ms fwd+bwd at 5.3 GB vs 208 ms at 13.5 GB without remat (benchmarks/RESULTS.md).
-      remat_policy: policy name inside a remat group (`ttt_jax.ops.remat`).
+      remat_policy: policy name inside a remat group (`ttt_jax.ops.core.remat`).
       precision: the mixed-precision policy.
       unroll: inner scan unroll (speed only).
     """

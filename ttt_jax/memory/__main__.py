@@ -31,7 +31,7 @@ from ttt_jax.memory.planner import parse_bytes, plan
 from ttt_jax.memory.report import workload_report
 from ttt_jax.memory.workload import Workload
 from ttt_jax.models import PRESETS, preset
-from ttt_jax.ops.remat import POLICY_NAMES
+from ttt_jax.ops.core import POLICY_NAMES
 
 
 def group_arg(text: str) -> int | None | str:

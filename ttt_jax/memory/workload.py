@@ -25,8 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.memory.analysis import CompiledMemory, compiled_memory
-from ttt_jax.ops.checks import check_optional_positive_int
-from ttt_jax.ops.remat import resolve_policy
+from ttt_jax.ops.core import check_optional_positive_int, resolve_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Remat:
 
     Attributes:
       checkpoint_group: chunks per rematerialised inner-scan step (None: no scan remat).
-      remat_policy: what a rematerialised scan group keeps (`ttt_jax.ops.remat` name).
+      remat_policy: what a rematerialised scan group keeps (`ttt_jax.ops.core.remat` name).
       block_remat: models only: the policy the whole block is rematerialised with, or None
         for no block remat.
     """

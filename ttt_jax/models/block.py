@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ttt_jax.layers.common import ones, param, rms_norm
 from ttt_jax.models.config import ModelConfig
 from ttt_jax.models.registry import MIXERS, MLPS
-from ttt_jax.ops.remat import resolve_policy
+from ttt_jax.ops.core import resolve_policy
 
 NAMES = ("mixer_out", "mid_residual", "mlp_out")
 

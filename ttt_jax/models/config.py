@@ -8,9 +8,13 @@ import math
 from ttt_jax.layers.attention import IMPLEMENTATIONS
 from ttt_jax.layers.common import MixedPrecision
 from ttt_jax.models.registry import MIXERS, MLPS
-from ttt_jax.ops.checks import check_choice, check_optional_positive_int, check_positive_int
-from ttt_jax.ops.chunked_scan import check_scan_knobs
-from ttt_jax.ops.remat import validate_policy
+from ttt_jax.ops.core import (
+    check_choice,
+    check_optional_positive_int,
+    check_positive_int,
+    check_scan_knobs,
+    resolve_policy,
+)
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -65,7 +69,7 @@ class ModelConfig:
       inplace_target: "embeddings" or "input" (`InPlaceMLPConfig.target_source`).
       npt_rank: rank of NPT MLPs' modulation.
       precision: "bf16" (fp32 params and fast-weight state, bf16 compute) or "fp32".
-      block_remat: remat policy name wrapped around each whole block (`ttt_jax.ops.remat`):
+      block_remat: remat policy name wrapped around each whole block (`ttt_jax.ops.core.remat`):
         none, full, dots, dots_no_batch, save_names:..., offload_names:... (block names are
         `ttt_jax.models.block.NAMES`).
       checkpoint_group: inner-scan checkpoint group of every recurrent mixer / MLP (None: none).
@@ -148,7 +152,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig head_dim={self.head_dim} must be even (RoPE)")
         try:
-            validate_policy(self.block_remat)
+            resolve_policy(self.block_remat)
         except ValueError as err:
             raise ValueError(f"ModelConfig.block_remat: {err}") from None
         try:

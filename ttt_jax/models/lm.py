@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from ttt_jax.layers.common import normal, ones, param, rms_norm
 from ttt_jax.models.block import BlockGroup
 from ttt_jax.models.config import ModelConfig
-from ttt_jax.ops.checks import check_shapes
+from ttt_jax.ops.core import check_shapes
 
 # Mesh axes a batch is split over (`train.sharding` builds its meshes and batches from these).
 BATCH_AXES = ("data", "fsdp")

@@ -1,10 +1,10 @@
 """Pure-JAX ops: `op(..., initial_state=None, ...) -> (out, final_state)` on `[B, T, H, D]`."""
 
 # --- the shared scan machinery
-from ttt_jax.ops.chunked_scan import chunked_scan
+from ttt_jax.ops.core import POLICY_NAMES, chunked_scan, resolve_policy
 
 # --- In-Place TTT (SPEC 3.3)
-from ttt_jax.ops.inplace_ttt import InPlaceState, inplace_ttt
+from ttt_jax.ops.inplace import InPlaceState, inplace_ttt
 
 # --- LaCT large-chunk SwiGLU fast weights (SPEC 3.2)
 from ttt_jax.ops.lact import LaCTState, lact_low_rank_weight, lact_swiglu
@@ -15,12 +15,16 @@ from ttt_jax.ops.npt import (
     npt_modulated_linear,
     npt_rank_k_linear,
 )
-from ttt_jax.ops.remat import POLICY_NAMES, resolve_policy
 
 # --- TTT-Linear / TTT-MLP (SPEC 3.1)
-from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
-from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
-from ttt_jax.ops.ttt_primal import ttt_linear_primal, ttt_mlp_primal
+from ttt_jax.ops.ttt import (
+    TTTLinearState,
+    TTTMLPState,
+    ttt_linear,
+    ttt_linear_primal,
+    ttt_mlp,
+    ttt_mlp_primal,
+)
 
 __all__ = [
     "InPlaceState",

@@ -22,8 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.checks import check_float, check_shapes
-from ttt_jax.ops.ttt_common import matmul
+from ttt_jax.ops.core.checks import check_float, check_shapes
+from ttt_jax.ops.core.numerics import matmul
 
 
 def _add_rounded(base: jax.Array, low: jax.Array, cd) -> jax.Array:

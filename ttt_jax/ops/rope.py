@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.ttt_common import wide_dtype
+from ttt_jax.ops.core.numerics import wide_dtype
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:

@@ -17,16 +17,17 @@ import jax.numpy as jnp
 from flax import struct
 from jax.experimental import checkify
 
-from ttt_jax.ops.checks import (
+from ttt_jax.ops.core.checks import (
+    BACKWARDS,
     check_choice,
     check_float,
     check_float_dtype,
     check_positive_int,
     check_shapes,
 )
-from ttt_jax.ops.chunked_scan import check_scan_knobs
-from ttt_jax.ops.lact_math import Chunk, ChunkConfig, row_norms
-from ttt_jax.ops.lact_vjp import BACKWARDS, lact_reads
+from ttt_jax.ops.core.scan import check_scan_knobs
+from ttt_jax.ops.lact.math import Chunk, ChunkConfig, row_norms
+from ttt_jax.ops.lact.vjp import lact_reads
 
 LOW_RANK_IDENTITY = 0.5
 
@@ -157,8 +158,8 @@ def lact_swiglu(
         sample at `w0, w1, w2` with zero momentum.
       checkpoint_group: G: with `backward="custom"` the forward saves every G-th chunk-boundary
         state and the backward rebuilds the others; with "autodiff" the scan rematerialises
-        groups of G chunks (`ttt_jax.ops.chunked_scan`). None: every state saved / no remat.
-      remat_policy: what an autodiff remat group keeps (`ttt_jax.ops.remat`; tags in
+        groups of G chunks (`ttt_jax.ops.core.scan`). None: every state saved / no remat.
+      remat_policy: what an autodiff remat group keeps (`ttt_jax.ops.core.remat`; tags in
         `lact_math.NAMES`); the custom backward keeps nothing but states either way.
       state_dtype: dtype of the fast weights, momentum and updates (fp32 by default).
       backward: "custom" (the memory-lean `jax.custom_vjp`, `lact_vjp.py`) or "autodiff".

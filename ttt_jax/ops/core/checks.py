@@ -11,6 +11,10 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
+# The two backward kinds of the families with a manual VJP: their own reverse pass, or JAX's
+# autodiff through the checkpointed scan (the twin every manual backward is tested against).
+BACKWARDS = ("custom", "autodiff")
+
 # A dimension in an expected shape: an int must match exactly; a str names a dimension that
 # must agree with every other occurrence of the same name in one `check_shapes` call.
 Dim = int | str

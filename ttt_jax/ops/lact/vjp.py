@@ -33,16 +33,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.lact_math import (
+from ttt_jax.ops.lact.autodiff import autodiff_reads, put_chunk, read_tail, take_chunk
+from ttt_jax.ops.lact.math import (
     Chunk,
     ChunkConfig,
     FastState,
     chunk_step,
     update_state,
 )
-from ttt_jax.ops.lact_scan import autodiff_reads, put_chunk, read_tail, take_chunk
-
-BACKWARDS = ("custom", "autodiff")
 
 
 def _group_size(n: int, cfg: ChunkConfig) -> int:

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.chunked_scan import chunked_scan
-from ttt_jax.ops.chunking import merge_time, split_time
-from ttt_jax.ops.lact_math import Chunk, ChunkConfig, FastState, apply_fast_weights, chunk_step
+from ttt_jax.ops.core.chunking import merge_time, split_time
+from ttt_jax.ops.core.scan import chunked_scan
+from ttt_jax.ops.lact.math import Chunk, ChunkConfig, FastState, apply_fast_weights, chunk_step
 
 
 def take_chunk(inputs: Chunk, start: jax.Array | int, length: int) -> Chunk:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.ttt_common import matmul, wide_dtype
+from ttt_jax.ops.core.numerics import matmul, wide_dtype
 
 # Newton-Schulz iteration of Muon: per-step (a, b, c) of `X <- a X + (b A + c A^2) X`,
 # `A = X X^T` (SPEC 3.2). Tuned so 5 steps push every singular value near 1.

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.checks import check_optional_positive_int, check_positive_int
-from ttt_jax.ops.remat import resolve_policy
+from ttt_jax.ops.core.checks import check_optional_positive_int, check_positive_int
+from ttt_jax.ops.core.remat import resolve_policy
 
 Step = Callable[[Any, Any], tuple[Any, Any]]
 
@@ -55,7 +55,7 @@ def chunked_scan(
       checkpoint_group: None for plain autodiff (every step's residuals kept), or G >= 1 to
         rematerialise groups of G chunks (only every G-th carry kept).
       remat_policy: what a rematerialised group may keep besides its input carry (a name from
-        `ttt_jax.ops.remat.POLICY_NAMES`); None means "full" (keep nothing). Needs
+        `ttt_jax.ops.core.remat.POLICY_NAMES`); None means "full" (keep nothing). Needs
         `checkpoint_group`.
       unroll: `lax.scan` unroll factor of the innermost scan (speed only).
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.ttt_common import matmul
+from ttt_jax.ops.core.numerics import matmul
 
 # Conv taps per mode: "centered" is the official kernel-5 conv (padding 2); "causal_next" sees
 # the token and the next one.

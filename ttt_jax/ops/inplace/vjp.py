@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.chunked_scan import chunked_scan
-from ttt_jax.ops.inplace_prefix import (
+from ttt_jax.ops.core.numerics import matmul
+from ttt_jax.ops.core.scan import chunked_scan
+from ttt_jax.ops.inplace.prefix import (
     PrefixConfig,
     add_at,
     assemble,
@@ -49,7 +50,6 @@ from ttt_jax.ops.inplace_prefix import (
     slot_update,
     take,
 )
-from ttt_jax.ops.ttt_common import matmul
 
 
 def _read_copy(x, cfg):

@@ -15,15 +15,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.ttt_common import (
+from ttt_jax.ops.core.numerics import gelu_tanh, matmul
+from ttt_jax.ops.ttt.common import (
     default_token_scale,
-    gelu_tanh,
     layer_norm,
-    matmul,
     run_mini_batches,
 )
-from ttt_jax.ops.ttt_linear import TTTLinearState, ttt_linear
-from ttt_jax.ops.ttt_mlp import TTTMLPState, ttt_mlp
+from ttt_jax.ops.ttt.linear import TTTLinearState, ttt_linear
+from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
 
 Inner = Callable[[dict, jax.Array], jax.Array]
 

@@ -3,7 +3,6 @@ learning-rate matrix of the dual form, argument checks, and the driver over mini
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,47 +10,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.checks import check_float, check_positive_int, check_shapes
-from ttt_jax.ops.chunked_scan import check_scan_knobs, chunked_scan
-from ttt_jax.ops.chunking import merge_time, split_time
+from ttt_jax.ops.core.checks import check_float, check_positive_int, check_shapes
+from ttt_jax.ops.core.chunking import merge_time, split_time
+from ttt_jax.ops.core.scan import check_scan_knobs, chunked_scan
 
 LN_EPS = 1e-6
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
-def wide_dtype(dtype) -> jnp.dtype:
-    """fp32 for bf16 / fp16 / fp32, fp64 for fp64 (tests under `jax_enable_x64`): the dtype of
-    accumulations, norms and state. Not `jnp.promote_types`: under the strict promotion the
-    tests run with, bf16 and fp32 have no implicit promotion."""
-    return jnp.dtype(jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32)
-
-
-def matmul(spec: str, a: jax.Array, b: jax.Array, compute_dtype) -> jax.Array:
-    """`einsum` with operands in the compute dtype and fp32 accumulation and result.
-
-    fp64 operands (tests under `jax_enable_x64`) accumulate and return fp64.
-
-    fp32 inputs ask for HIGHEST precision so that GPUs do not silently drop to TF32 and parity
-    with the reference holds; bf16 inputs take the fast path.
-    """
-    precision = lax.Precision.HIGHEST if compute_dtype == jnp.float32 else None
-    return jnp.einsum(
-        spec,
-        a.astype(compute_dtype),
-        b.astype(compute_dtype),
-        preferred_element_type=wide_dtype(compute_dtype),
-        precision=precision,
-    )
-
-
-def gelu_tanh(x: jax.Array) -> jax.Array:
-    return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
-
-
-def gelu_tanh_grad(x: jax.Array) -> jax.Array:
-    """d gelu_tanh / dx, written out because the dual form needs it as a value, not a VJP."""
-    t = jnp.tanh(_GELU_C * (x + 0.044715 * x**3))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * 0.044715 * x * x)
 
 
 def layer_norm(z: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:

@@ -42,13 +42,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.chunked_scan import chunked_scan
-from ttt_jax.ops.ttt_common import matmul
+from ttt_jax.ops.core.numerics import matmul
+from ttt_jax.ops.core.scan import chunked_scan
 
 PREFIXES = ("sequential", "associative")
 # checkpoint_name tags of the autodiff scan, usable in `save_names:` remat policies.
 NAMES = ("inplace_delta",)
-BACKWARDS = ("custom", "autodiff")
 
 
 class PrefixConfig(NamedTuple):

@@ -22,13 +22,13 @@ import jax.numpy as jnp
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.ttt_common import (
+from ttt_jax.ops.core.numerics import matmul
+from ttt_jax.ops.ttt.common import (
     check_ttt_args,
     default_token_scale,
     layer_norm,
     layer_norm_l2_grad,
     lr_matrices,
-    matmul,
     run_mini_batches,
 )
 
@@ -75,7 +75,7 @@ def ttt_linear(
       token_scale: `[C]` scale of position i within a mini-batch; default `1 / (i + 1)`.
       initial_state: per-sample weights to start from (fields `[B, H, ...]`).
       checkpoint_group: rematerialise groups of this many mini-batches (None: no remat).
-      remat_policy: name of the remat policy inside a group (`ttt_jax.ops.remat`).
+      remat_policy: name of the remat policy inside a group (`ttt_jax.ops.core.remat`).
       state_dtype: dtype of the fast weights and their updates (fp32 by default).
       unroll: scan unroll factor (speed only).
 

@@ -20,15 +20,13 @@ import jax.numpy as jnp
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.ttt_common import (
+from ttt_jax.ops.core.numerics import gelu_tanh, gelu_tanh_grad, matmul
+from ttt_jax.ops.ttt.common import (
     check_ttt_args,
     default_token_scale,
-    gelu_tanh,
-    gelu_tanh_grad,
     layer_norm,
     layer_norm_l2_grad,
     lr_matrices,
-    matmul,
     run_mini_batches,
 )
 

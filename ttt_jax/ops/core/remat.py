@@ -66,8 +66,3 @@ def resolve_policy(name: str | None) -> Callable | None:
     raise ValueError(
         f"remat_policy={name!r} is not a known policy; valid: {', '.join(POLICY_NAMES)}"
     )
-
-
-def validate_policy(name: str | None) -> None:
-    """Raises ValueError for an unknown policy name (cheap; used before tracing)."""
-    resolve_policy(name)

@@ -33,18 +33,19 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from ttt_jax.ops.checks import (
+from ttt_jax.ops.core.checks import (
+    BACKWARDS,
     check_choice,
     check_float,
     check_float_dtype,
     check_positive_int,
     check_shapes,
 )
-from ttt_jax.ops.chunked_scan import check_scan_knobs
-from ttt_jax.ops.inplace_prefix import BACKWARDS, PREFIXES, PrefixConfig
-from ttt_jax.ops.inplace_segments import gather_time, slot_layout
-from ttt_jax.ops.inplace_targets import CONV_KERNEL_SIZES, chunk_targets
-from ttt_jax.ops.inplace_vjp import fast_weight_reads
+from ttt_jax.ops.core.scan import check_scan_knobs
+from ttt_jax.ops.inplace.prefix import PREFIXES, PrefixConfig
+from ttt_jax.ops.inplace.segments import gather_time, slot_layout
+from ttt_jax.ops.inplace.targets import CONV_KERNEL_SIZES, chunk_targets
+from ttt_jax.ops.inplace.vjp import fast_weight_reads
 
 
 @struct.dataclass
@@ -156,13 +157,13 @@ def inplace_ttt(
         a document, later documents start from `w_down`.
       initial_state: state the call's first document continues from (`w_down: [B, d, F]`).
       checkpoint_group, remat_policy: memory knobs of the `backward="autodiff"` sequential
-        scan (`ttt_jax.ops.chunked_scan`); the custom backward keeps no per-chunk state, so
+        scan (`ttt_jax.ops.core.scan`); the custom backward keeps no per-chunk state, so
         they change nothing there (gradients are identical either way).
       state_dtype: dtype of the fast weight and its updates (fp32 by default).
       prefix: `sequential` (a scan, memory-lean, default) or `associative`
         (`lax.associative_scan`, parallel over chunks; its forward materialises per-chunk
         states `[n_chunks, B, d, F]`).
-      backward: `custom` (reverse-scan VJP, `ttt_jax.ops.inplace_prefix`) or `autodiff`.
+      backward: `custom` (reverse-scan VJP, `ttt_jax.ops.inplace.prefix`) or `autodiff`.
       unroll: scan unroll factor (speed only).
 
     Returns:
