@@ -2,7 +2,8 @@
 
 H=4 fast-weight heads, D = Dh = 384, chunk C=2048, momentum on, weight norm on, bf16 q/k/v,
 fp32 rates, momentum, weights and fast-weight state; T in {8192, 32768}, B in {1, 4}, Muon off
-and on (`--muon fp32` adds Muon with float32 Newton-Schulz matmuls, the op's `muon_dtype`).
+and on (`on`: the op's default update direction, inner gradients and Newton-Schulz with float32
+operands; `--muon bf16` adds Muon with `muon_dtype="bfloat16"`, the fast opt-in).
 Variants side by side in one run: `custom` (the custom VJP, `backward="custom"`) and autodiff
 through the chunk scan with checkpoint groups (`autodiff_g<G>`: `checkpoint_group=G`; plain
 `autodiff` has no remat; `custom_g<G>` saves every G-th boundary state).
@@ -172,7 +173,7 @@ COLUMNS = [
     ("batch", "B"),
     ("seq", "T"),
     ("muon", "muon"),
-    ("muon_dtype", "Newton-Schulz dtype"),
+    ("muon_dtype", "update-direction dtype"),
     ("variant", "variant"),
     ("fwd_median_ms", "fwd ms"),
     ("fwdbwd_median_ms", "fwd+bwd ms"),
@@ -195,7 +196,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--seqs", nargs="+", type=int, help="default 8192 32768")
     p.add_argument("--batches", nargs="+", type=int, help="default 1 4")
-    p.add_argument("--muon", nargs="+", default=["off", "on"], choices=["off", "on", "fp32"])
+    p.add_argument("--muon", nargs="+", default=["off", "on"], choices=["off", "on", "bf16"])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--matmul-n", type=int, help="side of the peak matmul (default 8192)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per config")
@@ -237,7 +238,7 @@ def main() -> None:
                         batch=b,
                         seq=t,
                         muon=muon != "off",
-                        muon_dtype="float32" if muon == "fp32" else None,
+                        muon_dtype="bfloat16" if muon == "bf16" else None,
                         variant=v,
                         heads=shape["heads"],
                         d=shape["d"],

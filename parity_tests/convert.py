@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
@@ -210,8 +211,11 @@ def npt_block_to_torch(block: NPTBlock) -> ttt_torch_ref.NPTBlockRef:
 
 
 def lact_config_to_torch(config: LaCTConfig) -> ttt_torch_ref.LaCTLayerConfigRef:
-    """The reference config of the same layer; the JAX-only knobs (precision, memory, attention
-    kernel) change no number the reference computes and have no counterpart."""
+    """The reference config of the same layer; the JAX-only knobs (memory, attention kernel)
+    change no number the reference computes and have no counterpart. A bf16 compute dtype
+    becomes the reference's `operand_dtype`, so that the reference's op reads the same
+    bf16-rounded q, k, v the layer's op reads (Newton-Schulz amplifies any difference there)."""
+    bf16 = jnp.dtype(config.precision.compute_dtype) == jnp.bfloat16
     return ttt_torch_ref.LaCTLayerConfigRef(
         d_model=config.d_model,
         num_heads=config.num_heads,
@@ -227,6 +231,7 @@ def lact_config_to_torch(config: LaCTConfig) -> ttt_torch_ref.LaCTLayerConfigRef
         learnable_scale=config.learnable_scale,
         rope_theta=config.rope_theta,
         norm_eps=config.norm_eps,
+        operand_dtype=torch.bfloat16 if bf16 else None,
     )
 
 

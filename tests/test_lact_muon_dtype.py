@@ -1,18 +1,22 @@
-"""LaCT's `muon_dtype` (issue 3): Newton-Schulz matmuls in float32 under bf16 compute.
+"""LaCT's `muon_dtype` (issues 3, 14): the update direction under bf16 compute.
 
 Newton-Schulz pushes every singular value of an update towards 1, small noisy ones included, so
 it amplifies rounding. With bf16 q, k, v (momentum and Muon on, four chunks, the shapes of the
 GPU parity test `parity_tests/test_lact_parity.py::test_op_parity_bf16_gpu`), against the same
-op in fp32 on the same bf16-valued inputs, measured on the CPU over seeds 0-5:
+op in fp32 on the same bf16-valued inputs, measured on the CPU over seeds 0-5 (vs the torch
+reference in fp32 the state errors were the same to one digit):
 
-| Newton-Schulz matmuls | state (max of w0, w1, w2) | output |
+| inner gradients' and Newton-Schulz matmuls | state (max of w0, w1, w2) | output |
 |---|---|---|
-| bf16 (default) | 3.4-5.9e-2 | 1.4-4.4e-2 |
-| float32 | 1.2-2.3e-2 | 0.5-1.0e-2 |
+| bf16 (`muon_dtype="bfloat16"`) | 2.4-5.2e-2 | 1.5-3.5e-2 |
+| float32 Newton-Schulz only (the old `"float32"`) | 1.0-4.6e-2 | 0.5-1.1e-2 |
+| float32 gradients and Newton-Schulz (the default) | 1.4-2.2e-6 | 3.2-3.8e-3 |
 
-So float32 Newton-Schulz cuts the state's error about 3-4x and keeps the output within SPEC 5's
-2e-2 for bf16, but the state can still exceed it (seed 1: 2.28e-2, in w2): the inner gradients'
-bf16 matmuls (the fp32 state rounded to bf16 as an operand) carry the rest.
+So the error was the bf16 rounding of the gradient's operands (the fp32 state and the
+activations cast to bf16) amplified by Newton-Schulz, not Newton-Schulz's own matmuls alone.
+With the default the state is the fp32 computation on the same values: its path has no bf16
+operand left (k, v are bf16-valued, exact in fp32), so the bound below is the fp32 op tolerance;
+the output still reads the state through bf16 matmuls, so it keeps the bf16 tolerance.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import pytest
 
 from ttt_jax.ops import LaCTState, lact_swiglu
-from ttt_jax.testing import GPU_BF16_TOL, rel_err
+from ttt_jax.testing import GPU_BF16_TOL, OP_TOL, rel_err
 
 B, T, H, D, DH, C = 2, 64, 2, 4, 6, 16
 TOKENS = ("q", "k", "v")
@@ -75,11 +79,13 @@ def errors(muon_dtype, seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_float32_newton_schulz_halves_the_state_error_and_keeps_the_output_in_tolerance(seed):
+def test_float32_update_direction_gives_the_fp32_state(seed):
     bf16, f32 = errors(jnp.bfloat16, seed), errors("float32", seed)
-    assert max(f32[1:]) <= 0.5 * max(bf16[1:]), (bf16, f32)
+    assert max(f32[1:]) <= OP_TOL, (bf16, f32)
     assert f32[0] <= GPU_BF16_TOL, f32
+    # The bf16 path is the one that misses the bf16 tolerance (so the test measures something).
+    assert max(bf16[1:]) > GPU_BF16_TOL, bf16
 
 
-def test_bf16_newton_schulz_is_the_default():
-    assert errors(None, 0) == errors(jnp.bfloat16, 0)
+def test_float32_update_direction_is_the_default():
+    assert errors(None, 0) == errors("float32", 0)

@@ -246,6 +246,11 @@ class LaCTLayerConfigRef:
         learnable_scale: multiply the normalised TTT output by silu(x W_s), one scale per head.
         rope_theta: RoPE base of both branches.
         norm_eps: epsilon of the RMSNorm (per head) on the TTT output.
+        operand_dtype: None computes everything in the parameters' dtype. A dtype (bf16)
+            mirrors a mixed-precision layer's rounding points, so that a bf16 layer is compared
+            on the values it really feeds its op: x and the weights enter each projection
+            rounded to it, the projections q, k, v leave it rounded, and the fast-weight heads
+            reach the op rounded; the arithmetic stays in the parameters' dtype.
     """
 
     d_model: int
@@ -262,6 +267,7 @@ class LaCTLayerConfigRef:
     learnable_scale: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    operand_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         for name in ("d_model", "num_heads", "num_fw_heads", "window", "chunk_size", "rank"):
@@ -368,7 +374,8 @@ class LaCTLayerRef(nn.Module):
         cfg = self.config
         Bsz, T, d = x.shape
         positions = torch.arange(T)
-        q, k, v = (x @ self.W_qkv).split(d, dim=-1)
+        r = self._round
+        q, k, v = r(r(x) @ r(self.W_qkv)).split(d, dim=-1)
 
         Ha = cfg.num_heads
         attn = causal_attention(
@@ -383,10 +390,11 @@ class LaCTLayerRef(nn.Module):
             F.silu((t * self.ttt_scale[j] + self.ttt_offset[j]).reshape(Bsz, T, H, D))
             for j, t in enumerate((q, k, v))
         )
-        fq = rope(l2_normalise(fq), positions, cfg.rope_theta)
-        fk = rope(l2_normalise(fk), positions, cfg.rope_theta)
-        lrs = F.softplus(torch.einsum("btd,djh->btjh", x, self.W_lr) + self.b_lr)
-        beta = torch.sigmoid(x @ self.W_m) if cfg.use_momentum else None
+        fq = r(rope(l2_normalise(fq), positions, cfg.rope_theta))
+        fk = r(rope(l2_normalise(fk), positions, cfg.rope_theta))
+        fv = r(fv)
+        lrs = F.softplus(torch.einsum("btd,djh->btjh", r(x), r(self.W_lr)) + self.b_lr)
+        beta = torch.sigmoid(r(x) @ r(self.W_m)) if cfg.use_momentum else None
         w0, w1, w2 = self.slow_weights()
         o, state = lact_swiglu(
             fq,
@@ -406,5 +414,10 @@ class LaCTLayerRef(nn.Module):
         )
         o = o * torch.rsqrt((o * o).mean(-1, keepdim=True) + cfg.norm_eps) * self.ttt_norm
         if cfg.learnable_scale:
-            o = o * F.silu(x @ self.W_s)[..., None]
-        return (attn + o.reshape(Bsz, T, d)) @ self.W_o, state
+            o = o * F.silu(r(x) @ r(self.W_s))[..., None]
+        return r(attn + o.reshape(Bsz, T, d)) @ r(self.W_o), state
+
+    def _round(self, t: Tensor) -> Tensor:
+        """`t` rounded to `config.operand_dtype` and back (the identity without one)."""
+        od = self.config.operand_dtype
+        return t if od is None else t.to(od).to(t.dtype)

@@ -77,9 +77,10 @@ class LaCTConfig:
       base_lr: the rates' value at init (`softplus(b_lr) = base_lr`).
       use_momentum: momentum from `sigmoid(x W_m)` (per-chunk mean in the op).
       use_muon: orthogonalise every update (Newton-Schulz, 5 steps).
-      muon_dtype: "float32" or "bfloat16", operand dtype of the Newton-Schulz matmuls; None:
-        the compute dtype (the op's `muon_dtype`: under bf16 compute float32 brings the state
-        3-4x closer to fp32 for 2.2x the Muon op's time).
+      muon_dtype: "float32" or "bfloat16", operand dtype of the update direction's matmuls
+        (inner gradients and Newton-Schulz); None: the accumulation dtype (the op's
+        `muon_dtype`: under bf16 compute, bf16 operands put the state 2-6e-2 off the fp32
+        computation, past the bf16 tolerance; "bfloat16" is the fast opt-in).
       weight_norm: rescale the fast weights' rows to the start's row norms after each update.
       learnable_scale: multiply the normalised TTT output by `silu(x W_s)`, one scale per head.
       rope_theta: RoPE base of both branches.

@@ -25,6 +25,7 @@ from ttt_jax.ops.core.checks import (
     check_positive_int,
     check_shapes,
 )
+from ttt_jax.ops.core.numerics import wide_dtype
 from ttt_jax.ops.core.scan import check_scan_knobs
 from ttt_jax.ops.lact.math import Chunk, ChunkConfig, row_norms
 from ttt_jax.ops.lact.vjp import lact_reads
@@ -147,12 +148,14 @@ def lact_swiglu(
       momentum: `[B, T, H]` momentum coefficients beta (in [0, 1), a sigmoid in the layer); each
         chunk uses their mean. None: no momentum.
       use_muon: orthogonalise each update with Newton-Schulz (SPEC 3.2 coefficients).
-      muon_dtype: operand dtype of the Newton-Schulz matmuls (the iterate stays fp32 between
-        steps). None: q's dtype. Newton-Schulz amplifies rounding (it pushes every singular
-        value, small noisy ones included, towards 1): with bf16 matmuls the state after a few
-        chunks is 3-6e-2 away from the fp32 op on the same inputs, 1-2e-2 with float32
-        (`tests/test_lact_muon_dtype.py`), which costs 2.2x the bf16 Muon time on an H100
-        (B=4, T=32768: 203 vs 94 ms fwd+bwd; benchmarks/RESULTS.md).
+      muon_dtype: operand dtype of the matmuls that form the update Newton-Schulz
+        orthogonalises (the chunk's inner gradients) and of Newton-Schulz itself (the iterate
+        stays fp32 between steps). None: the accumulation dtype (fp32 under bf16 compute,
+        fp64 under fp64). Newton-Schulz amplifies rounding (it pushes every singular value,
+        small noisy ones included, towards 1): with bf16 operands the state after a few chunks
+        is 2-6e-2 away from the fp32 op on the same inputs, past SPEC 5's 2e-2 for bf16; with
+        the default it is the fp32 computation (~1e-6; `tests/test_lact_muon_dtype.py`).
+        "bfloat16" is the fast opt-in; its cost over the default is in benchmarks/RESULTS.md.
       weight_norm: rescale rows after each update (default on).
       initial_state: state to continue from (`LaCTState`, `[B, H, ...]`); None starts every
         sample at `w0, w1, w2` with zero momentum.
@@ -197,7 +200,7 @@ def lact_swiglu(
         use_muon=use_muon,
         weight_norm=weight_norm,
         compute_dtype=jnp.dtype(q.dtype),
-        muon_dtype=jnp.dtype(q.dtype if muon_dtype is None else muon_dtype),
+        muon_dtype=wide_dtype(q.dtype) if muon_dtype is None else jnp.dtype(muon_dtype),
         state_dtype=sd,
         checkpoint_group=checkpoint_group,
         remat_policy=remat_policy,
