@@ -57,8 +57,10 @@ def run_one(cfg: dict) -> dict:
     d, f = cfg["d_model"], cfg["d_ff"]
     ttt, prefix = VARIANTS[cfg["variant"]]
     precision = MixedPrecision.named("bf16")
-    mlp_cfg = InPlaceMLPConfig(d_model=d, d_ff=f, chunk_size=cfg["chunk"], ttt=ttt, prefix=prefix)
-    model = InPlaceMLP(mlp_cfg, precision=precision, rngs=nnx.Rngs(0))
+    mlp_cfg = InPlaceMLPConfig(
+        d_model=d, d_ff=f, chunk_size=cfg["chunk"], ttt=ttt, prefix=prefix, precision=precision
+    )
+    model = InPlaceMLP(mlp_cfg, rngs=nnx.Rngs(0))
     # Non-zero conv taps so that the fast weight really moves (at init it would not).
     model.ttt_conv[...] = 0.02 * jax.random.normal(jax.random.key(2), model.ttt_conv[...].shape)
     graphdef, params = nnx.split(model, nnx.Param)

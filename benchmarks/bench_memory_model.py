@@ -48,7 +48,8 @@ REMATS = {
     "block_dots": dict(checkpoint_group=4, block_remat="dots_no_batch"),
 }
 # Smoke shapes: every path of the GPU run, compiled in seconds on a CPU.
-SMOKE_MODEL = dict(vocab_size=64, d_model=32, num_heads=2, d_ff=64, ttt_mini_batch=4)
+SMOKE_MODEL = dict(vocab_size=64, d_model=32, num_heads=2, d_ff=64)
+SMOKE_MINI_BATCH = 4
 SMOKE_LAYER = dict(d_model=32, heads=2, chunk=64, d_ff=64)
 GB = 1e9
 
@@ -59,7 +60,8 @@ def model_workload(cfg: dict):
 
     config = dataclasses.replace(preset(cfg["preset"]), precision="bf16")
     if cfg["smoke"]:
-        config = dataclasses.replace(config, **SMOKE_MODEL)
+        ttt = dataclasses.replace(config.ttt, mini_batch_size=SMOKE_MINI_BATCH)
+        config = dataclasses.replace(config, ttt=ttt, **SMOKE_MODEL)
     workload = ModelWorkload(config)
     remat = REMATS[cfg["remat"]]
     if remat is not None:

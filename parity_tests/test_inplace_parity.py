@@ -75,6 +75,9 @@ CASES = [
     (20, 3, "centered", False, False, True, "sequential", "custom", None),
     (17, 3, "causal_next", True, True, True, "associative", "custom", None),
     (19, 3, "centered", True, False, True, "sequential", "autodiff", None),
+    # One-token chunks: every tap of the centered conv but the middle one falls outside.
+    (6, 1, "centered", True, False, False, "sequential", "custom", None),
+    (7, 1, "centered", False, True, True, "associative", "autodiff", None),
 ]
 
 
@@ -264,8 +267,8 @@ def test_op_parity_bf16_gpu(segmented):
 def test_layer_parity_bf16_gpu():
     from ttt_jax.layers import BF16
 
-    config = InPlaceMLPConfig(d_model=64, d_ff=128, chunk_size=16, eta=0.5)
-    layer = InPlaceMLP(config, precision=BF16, rngs=nnx.Rngs(1))
+    config = InPlaceMLPConfig(d_model=64, d_ff=128, chunk_size=16, eta=0.5, precision=BF16)
+    layer = InPlaceMLP(config, rngs=nnx.Rngs(1))
     params = nnx.state(layer, nnx.Param)
     keys = iter(jax.random.split(jax.random.PRNGKey(2), len(jax.tree.leaves(params))))
     nnx.update(

@@ -109,7 +109,7 @@ def check_layer_parity(overrides, t, with_state, dtype):
     def objective(params, x, state0):
         module = nnx.merge(graphdef, params)
         cache = None if state0 is None else module.init_cache(B).replace(ttt=state0)
-        y, cache = module(x, cache)
+        y, cache = module.decode(x, cache)
         probe = sum(jnp.sum(getattr(cache.ttt, f) * getattr(r_state, f)) for f in FIELDS)
         return jnp.sum(y * r) + probe, (y, cache.ttt)
 
@@ -177,7 +177,7 @@ def test_layer_parity_bf16_gpu(overrides):
     ref = lact_layer_to_torch(layer)
     x = jax.random.normal(jax.random.PRNGKey(7), (B, 64, 64))
     graphdef, state = nnx.split(layer)
-    y, cache = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+    y, cache = jax.jit(lambda s, x: nnx.merge(graphdef, s).decode(x))(state, x)
     assert y.dtype == jnp.bfloat16 and cache.ttt.w0.dtype == jnp.float32
     # Not under torch.no_grad(): the reference's inner autograd.grad then fails on the views
     # of its parameters (ttt_torch_ref.lact.inner_gradients), so it runs with grad on.

@@ -23,7 +23,7 @@ atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 
 MICRO_ARGS = [
     "--model.d-model", "32", "--model.num-heads", "2", "--model.d-ff", "64",
-    "--model.num-layers", "2", "--model.ttt-mini-batch", "8", "--model.vocab-size", "32",
+    "--model.num-layers", "2", "--model.ttt.mini-batch-size", "8", "--model.vocab-size", "32",
     "--seq", "16", "--batch-size", "8", "--data.source", "mqar", "--data.mqar-pairs", "3",
     "--data.mqar-vocab", "32", "--log.no-progress", "--log.every", "1",
     "--log.eval-batches", "1", "--optim.warmup-steps", "2", "--log.no-tensorboard",

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from ttt_jax.memory.analysis import compile_lowered
-from ttt_jax.models import ModelConfig, preset
+from ttt_jax.models import ModelConfig, TTTOptions, preset
 
 
 def equations(jaxpr) -> Iterator:
@@ -47,7 +47,11 @@ def run_fast(fn, *args):
     return compile_lowered(jax.jit(fn).lower(*args))(*args)
 
 
-def small_model(**kw) -> ModelConfig:
-    """The `tiny` preset (attention, then TTT-Linear) shrunk to compile in seconds."""
-    small = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=2, d_ff=64, ttt_mini_batch=4)
-    return dataclasses.replace(preset("tiny"), **{**small, "precision": "fp32", **kw})
+def small_model(mini_batch_size: int = 4, checkpoint_group: int | None = None, **kw) -> ModelConfig:
+    """The `tiny` preset (attention, then TTT-Linear) shrunk to compile in seconds; the two
+    arguments are its TTT mixers' options (`ModelConfig.ttt`), `kw` other ModelConfig fields."""
+    small = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=2, d_ff=64, precision="fp32")
+    ttt = dataclasses.replace(
+        preset("tiny").ttt, mini_batch_size=mini_batch_size, checkpoint_group=checkpoint_group
+    )
+    return dataclasses.replace(preset("tiny"), **{**small, "ttt": ttt, **kw})

@@ -23,8 +23,8 @@ def rel_err(a, b):
 
 
 def make(precision=FP32, seed=0, **kw):
-    cfg = InPlaceMLPConfig(**dict(dict(d_model=D, d_ff=F, chunk_size=C, eta=0.5), **kw))
-    return InPlaceMLP(cfg, precision=precision, rngs=nnx.Rngs(seed))
+    base = dict(d_model=D, d_ff=F, chunk_size=C, eta=0.5, precision=precision)
+    return InPlaceMLP(InPlaceMLPConfig(**dict(base, **kw)), rngs=nnx.Rngs(seed))
 
 
 def inputs(seed=1, t=T):

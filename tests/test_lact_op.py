@@ -3,11 +3,12 @@ autodiff twin (also under `jax.checkpoint` and inside `lax.scan`, for every memo
 low-rank initial weights against a dense twin, momentum and rate semantics, weight norm,
 Muon's orthogonalisation, bf16 inputs, named ValueErrors and the debug finiteness check.
 
-Muon cases compare gradients in float64 (`jax.enable_x64`, fp64 inputs and state): the
-Newton-Schulz iteration amplifies fp32 rounding about 1e3-fold, so two exact orderings of the
-same math can differ by 2-3e-5 in fp32 (measured with the default CPU compile), above the 1e-5
-of SPEC 5, while they agree to ~1e-14 in float64. Everything else is compared in fp32 (custom
-vs autodiff: ~1e-7). Every program is compiled once with the fast CPU options
+Muon cases compare in float64 (`jax.enable_x64`, fp64 inputs and state), forwards and
+gradients alike: the Newton-Schulz iteration amplifies fp32 rounding about 1e3-fold, so two
+exact orderings of the same math can differ by 2-3e-5 in fp32 (measured with the default CPU
+compile), above the 1e-5 of SPEC 5, while they agree to ~1e-14 in float64; an fp32 comparison
+there passes or fails with the platform's rounding. Everything else is compared in fp32
+(custom vs autodiff: ~1e-7). Every program is compiled once with the fast CPU options
 (`memory_helpers.run_fast`) and inputs are made with numpy (eager JAX ops compile one by one):
 the file takes about 45 s on 2 busy cores.
 """
@@ -89,13 +90,16 @@ T_MAX = 18
 
 
 @functools.cache
-def forward(t, seed=0, with_state=True, **kw):
-    """Jitted forward on the first t tokens of `make_inputs(T_MAX, seed)` (cached: several
-    tests read the same run)."""
-    x, w, s = make_inputs(T_MAX, seed)
-    return run_fast(
-        lambda x, w, s: call(x, w, s, **kw), sliced(x, 0, t), w, s if with_state else None
-    )
+def forward(t, seed=0, with_state=True, dtype=np.float32, **kw):
+    """Jitted forward on the first t tokens of `make_inputs(T_MAX, seed, dtype)` (cached:
+    several tests read the same run); float64 runs under x64 with a float64 state."""
+    with x64(dtype):
+        x, w, s = make_inputs(T_MAX, seed, dtype)
+        if dtype == np.float64:
+            kw["state_dtype"] = jnp.float64
+        return run_fast(
+            lambda x, w, s: call(x, w, s, **kw), sliced(x, 0, t), w, s if with_state else None
+        )
 
 
 def assert_states_close(a: LaCTState, b: LaCTState, tol=OP_TOL):
@@ -110,12 +114,14 @@ def assert_states_close(a: LaCTState, b: LaCTState, tol=OP_TOL):
 def test_streaming_two_calls_equal_one(split):
     # T = 18: the second call ends with a partial chunk of 2 tokens (at split 4C it is nothing
     # but that); momentum, Muon and weight norm all on, starting from a state whose row norms
-    # differ from the slow weights'.
-    kw = dict(use_muon=True)
-    x, w, s0 = make_inputs(T_MAX, seed=1)
-    o, s = forward(T_MAX, seed=1, **kw)
-    o1, s1 = run_fast(lambda x, s: call(x, w, s, **kw), sliced(x, 0, split), s0)
-    o2, s2 = run_fast(lambda x, s: call(x, w, s, **kw), sliced(x, split, T_MAX), s1)
+    # differ from the slow weights'. Muon: in float64 (module docstring).
+    kw = dict(use_muon=True, state_dtype=jnp.float64)
+    with x64(np.float64):
+        x, w, s0 = make_inputs(T_MAX, seed=1, dtype=np.float64)
+        o, s = forward(T_MAX, seed=1, dtype=np.float64, use_muon=True)
+        o1, s1 = run_fast(lambda x, s: call(x, w, s, **kw), sliced(x, 0, split), s0)
+        o2, s2 = run_fast(lambda x, s: call(x, w, s, **kw), sliced(x, split, T_MAX), s1)
+    assert o1.dtype == s2.w0.dtype == jnp.float64
     assert rel_err(np.concatenate([o1, o2], 1), o) <= OP_TOL
     assert_states_close(s2, s)
 
@@ -188,20 +194,28 @@ def test_weight_norm_restores_the_slow_weights_row_norms():
 
 
 def test_newton_schulz_orthogonalises_tall_and_wide_alike():
-    g = np.random.default_rng(4).standard_normal((2, 3, 6, 10)).astype(np.float32)
-    ns = functools.partial(newton_schulz5, cd=jnp.float32)
-    x, scaled = run_fast(lambda g: (ns(g), ns(7.0 * g)), g)
+    # In float64: the equalities below are exact math, which fp32 shows only up to the
+    # rounding the iteration amplifies (module docstring).
+    g = np.random.default_rng(4).standard_normal((2, 3, 6, 10))
+    ns = functools.partial(newton_schulz5, cd=jnp.float64)
+    with x64(np.float64):
+        x, scaled = run_fast(lambda g: (ns(g), ns(7.0 * g)), g)
+        tall = run_fast(lambda g: jnp.swapaxes(ns(jnp.swapaxes(g, -1, -2)), -1, -2), g)
+    assert x.dtype == jnp.float64
     sv = np.linalg.svd(np.asarray(x), compute_uv=False)
     # The SPEC coefficients push every singular value into about [0.7, 1.2] in 5 steps.
     assert sv.min() > 0.6 and sv.max() < 1.25, (sv.min(), sv.max())
-    tall = run_fast(lambda g: jnp.swapaxes(ns(jnp.swapaxes(g, -1, -2)), -1, -2), g)
     assert rel_err(tall, x) <= 1e-6
     assert rel_err(scaled, x) <= OP_TOL  # scale invariant
 
 
 def test_custom_and_autodiff_forwards_agree():
-    o, s = forward(T_MAX, seed=1, use_muon=True)
-    o_ad, s_ad = forward(T_MAX, seed=1, use_muon=True, backward="autodiff", checkpoint_group=2)
+    # Muon: in float64 (module docstring).
+    o, s = forward(T_MAX, seed=1, dtype=np.float64, use_muon=True)
+    o_ad, s_ad = forward(
+        T_MAX, seed=1, dtype=np.float64, use_muon=True, backward="autodiff", checkpoint_group=2
+    )
+    assert o.dtype == s_ad.w0.dtype == jnp.float64
     assert rel_err(o, o_ad) <= OP_TOL
     assert_states_close(s, s_ad)
 

@@ -41,7 +41,7 @@ def test_block_remat_ordering_none_dots_full_nested():
             pattern=("ttt_linear/swiglu",),
             d_model=64,
             d_ff=128,
-            ttt_mini_batch=16,
+            mini_batch_size=16,
             precision="bf16",
         )
     )

@@ -112,7 +112,7 @@ def test_plan_model_sequence():
     assert p.searched == "seq" and p.seq % 128 == 0
     assert p.state_bytes == ModelWorkload(config).state_bytes()  # parameters + AdamW moments
     assert p.config.block_remat == (p.remat.block_remat or "none")
-    assert p.config.checkpoint_group == p.remat.checkpoint_group
+    assert p.config.ttt.checkpoint_group == p.remat.checkpoint_group
     assert_longest(p, 128)
     print(f"small LM in 96 MiB: seq {p.seq}, {p.remat.label()}, {len(p.trials)} compiles")
 

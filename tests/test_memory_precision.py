@@ -24,7 +24,7 @@ from ttt_jax.layers import (
     TTTConfig,
     TTTLayer,
 )
-from ttt_jax.models import LM
+from ttt_jax.models import LM, InPlaceOptions
 
 B, T, D = 2, 32, 32
 
@@ -37,8 +37,9 @@ def layers():
         "ttt_mlp": (lambda: TTTLayer(TTTConfig(inner="mlp", **ttt), rngs=nnx.Rngs(0)), 1),
         "inplace": (
             lambda: InPlaceMLP(
-                InPlaceMLPConfig(d_model=D, d_ff=64, chunk_size=8, target_source="input"),
-                precision=BF16,
+                InPlaceMLPConfig(
+                    d_model=D, d_ff=64, chunk_size=8, target_source="input", precision=BF16
+                ),
                 rngs=nnx.Rngs(0),
             ),
             0,
@@ -125,7 +126,7 @@ def test_bf16_model_keeps_params_state_and_norms_fp32():
         precision="bf16",
         pattern=("attention/npt", "ttt_linear/inplace_ttt", "ttt_mlp/swiglu"),
         num_layers=3,
-        inplace_chunk=8,
+        inplace=InPlaceOptions(chunk_size=8),
     )
     graphdef, state = abstract(lambda: LM(config, rngs=nnx.Rngs(0)))
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)

@@ -37,7 +37,7 @@ def report_of(spec: LayerSpec):
     return layer_report(spec)
 
 
-@pytest.mark.parametrize("layer", ["ttt_linear", "ttt_mlp", "lact", "inplace", "npt"])
+@pytest.mark.parametrize("layer", ["ttt_linear", "ttt_mlp", "lact", "inplace_ttt", "npt"])
 def test_layer_report_accounts_for_every_byte(layer):
     spec = LayerSpec(layer=layer, **SPEC)
     report = report_of(spec)
@@ -72,9 +72,9 @@ def test_scan_remat_lowers_the_backward_peak_not_the_forward():
 
 
 def test_layer_spec_rejects_bad_input():
-    with pytest.raises(ValueError, match="ttt_linear, ttt_mlp, lact, inplace, npt"):
+    with pytest.raises(ValueError, match="ttt_linear, ttt_mlp, lact, inplace_ttt, npt"):
         LayerSpec(layer="lstm")
-    with pytest.raises(ValueError, match="applies to lact, inplace, not layer='ttt_mlp'"):
+    with pytest.raises(ValueError, match="applies to lact, inplace_ttt, not layer='ttt_mlp'"):
         LayerSpec(layer="ttt_mlp", backward="custom")
     with pytest.raises(ValueError, match="seq=0 must be positive"):
         LayerSpec(seq=0)

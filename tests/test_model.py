@@ -18,7 +18,10 @@ from ttt_jax.models import (
     MIXERS,
     MLPS,
     PRESETS,
+    InPlaceOptions,
+    LaCTOptions,
     ModelConfig,
+    TTTOptions,
     flops_per_token,
     param_counts,
     preset,
@@ -32,9 +35,8 @@ MICRO = ModelConfig(
     num_heads=2,
     d_ff=64,
     pattern=("attention/swiglu", "ttt_linear/swiglu"),
-    ttt_mini_batch=8,
-    ttt_unroll=1,
-    inplace_chunk=4,
+    ttt=TTTOptions(mini_batch_size=8, unroll=1, checkpoint_group=None),
+    inplace=InPlaceOptions(chunk_size=4),
     precision="fp32",
 )
 
@@ -150,9 +152,9 @@ def test_segment_reset_is_recorded_per_layer():
 
 def test_every_mixer_and_mlp_builds_and_runs():
     pattern = tuple(f"{m}/{p}" for m, p in zip(MIXERS, list(MLPS) * 4, strict=False))
-    assert "lact" in MIXERS  # the LaCT layer is imported only when a model uses it
+    assert "lact" in MIXERS
     cfg = dataclasses.replace(
-        MICRO, pattern=pattern, num_layers=len(pattern), lact_chunk=8, lact_window=4
+        MICRO, pattern=pattern, num_layers=len(pattern), lact=LaCTOptions(chunk_size=8, window=4)
     )
     model = LM(cfg, rngs=nnx.Rngs(0))
     logits, aux = nnx.jit(lambda m, t: m(t))(model, tokens())

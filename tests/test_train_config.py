@@ -77,7 +77,7 @@ FLAGS = [
     *MICRO_ARGS, "--seq", "auto", "--run-dir", "x", "--fresh", "--mesh.rules", "embed", "fsdp",
     "layers", "None", "--model.pattern", "attention/swiglu", "lact/npt", "--model.window", "None",
     "--dist.coordinator=10.0.0.1:1234", "--nonfinite", "skip", "--checkpoint.keep-every", "5",
-    "--model.ttt_base_lr", "0.5", "--optim.muon", "--checkpoint.no-async-save",
+    "--model.ttt.base_lr", "0.5", "--optim.muon", "--checkpoint.no-async-save",
     "--data.no-segments",
 ]  # fmt: skip
 

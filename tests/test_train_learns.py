@@ -23,7 +23,7 @@ def test_tiny_preset_loss_falls_on_the_stdlib_corpus(tmp_path):
 def test_ttt_model_recalls_mqar_above_chance(tmp_path):
     pairs, seq, batch, evals = 4, 32, 32, 16
     train(["--model.d-model", "64", "--model.num-heads", "2", "--model.d-ff", "128",
-           "--model.num-layers", "2", "--model.ttt-mini-batch", "8", "--data.source", "mqar",
+           "--model.num-layers", "2", "--model.ttt.mini-batch-size", "8", "--data.source", "mqar",
            "--data.mqar-pairs", str(pairs), "--data.mqar-vocab", "32", "--seq", str(seq),
            "--batch-size", str(batch), "--steps", "150", "--optim.lr", "1e-2",
            "--log.eval-every", "150", "--log.eval-batches", str(evals), "--log.no-progress",

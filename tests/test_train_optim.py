@@ -19,12 +19,12 @@ from train.optim import decay_mask, muon_dims, schedule
 from train.sharding import make_mesh
 from train.state import make_setup
 from ttt_jax.data import Batches, DataConfig, make_dataset
-from ttt_jax.models import LM, ModelConfig
+from ttt_jax.models import LM, LaCTOptions, ModelConfig, TTTOptions
 from ttt_jax.testing import rel_err
 
 MICRO = ModelConfig(
-    vocab_size=32, d_model=32, num_layers=2, num_heads=2, d_ff=64, ttt_mini_batch=8,
-    ttt_unroll=1, precision="fp32",
+    vocab_size=32, d_model=32, num_layers=2, num_heads=2, d_ff=64,
+    ttt=TTTOptions(mini_batch_size=8, unroll=1, checkpoint_group=None), precision="fp32",
 )  # fmt: skip
 # The step's arithmetic does not depend on the mixer: attention-only compiles fastest.
 STEP_MODEL = dataclasses.replace(MICRO, pattern=("attention/swiglu",))
@@ -38,7 +38,7 @@ def abstract(cfg):
 
 def test_decay_mask_and_muon_choose_by_logical_axes():
     cfg = dataclasses.replace(MICRO, pattern=("attention/swiglu", "ttt_linear/npt", "lact/swiglu"),
-                              num_layers=3, lact_chunk=8)  # fmt: skip
+                              num_layers=3, lact=LaCTOptions(chunk_size=8))  # fmt: skip
     params, specs = abstract(cfg)
     mask, dims = decay_mask(params, specs), muon_dims(params, specs)
     attn, ttt, lact = (mask["groups"]["blocks"][i] for i in range(3))

@@ -1,9 +1,13 @@
 """Checkpoints: a run stopped after N steps and resumed equals an uninterrupted 2N-step run
 (loss curve and parameters to 1e-6); a corrupt or partial newest checkpoint is skipped with a
-warning and the previous one used; SIGTERM finishes the step, saves, exits 75, and resumes."""
+warning and the previous one used; one flipped byte is caught by the checksums and the resumed
+run still equals the uninterrupted one; with no usable checkpoint the run stops (exit 4)
+without touching anything, and `--fresh` starts over; SIGTERM finishes the step, saves, exits
+75, and resumes. Fault injection on the checkpointer itself: tests/test_checkpoint.py."""
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import signal
 import subprocess
@@ -12,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from _train_helpers import MICRO_ARGS, ROOT, env, final_params, metrics, train
 
 
@@ -55,6 +60,50 @@ def test_resume_is_exact_and_corrupt_checkpoints_are_skipped(tmp_path):
     assert "checkpoint at step 8" in third.stderr and "unreadable" in third.stderr
     assert "resumed from step 4" in third.stdout
     assert_same_params(final_params(whole, 8), final_params(parts, 8))
+
+
+def flip_a_byte(step_dir: pathlib.Path) -> None:
+    """One flipped byte in the middle of the largest array file: Orbax alone restores it."""
+    big = max(
+        (f for f in (step_dir / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size
+    )
+    raw = bytearray(big.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    big.write_bytes(bytes(raw))
+
+
+def snapshot(path: pathlib.Path) -> dict:
+    return {
+        str(f.relative_to(path)): hashlib.sha1(f.read_bytes()).hexdigest() if f.is_file() else "dir"
+        for f in sorted(path.rglob("*"))
+    }
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoints_never_cost_the_run(tmp_path):
+    run = tmp_path / "run"
+    train(run_args(run))
+    expected = final_params(run, 8)
+    flip_a_byte(run / "checkpoints" / "8")
+    again = train(run_args(run))
+    assert "checkpoint at step 8" in again.stderr and "checksum mismatch in array" in again.stderr
+    assert "resumed from step 4" in again.stdout
+    assert_same_params(final_params(run, 8), expected)
+    assert (run / "checkpoints" / "8.unreadable").is_dir()  # the corrupt step is kept aside
+
+    # No usable checkpoint: stop with exit 4 and one line, and change nothing (metrics included).
+    flip_a_byte(run / "checkpoints" / "4")
+    flip_a_byte(run / "checkpoints" / "8")
+    before = snapshot(run)
+    stuck = train(run_args(run), check=False)
+    assert stuck.returncode == 4, stuck.stderr[-3000:]
+    errors = [ln for ln in stuck.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "none of the 2 checkpoints" in errors[0] and "--fresh" in errors[0]
+    assert "Traceback" not in stuck.stderr and "new run" not in stuck.stdout
+    assert snapshot(run) == before
+    fresh = train(run_args(run, "--fresh", "--stop-after", "4"))
+    assert "new run" in fresh.stdout and "stopped after step 4" in fresh.stdout
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
 
 
 def test_sigterm_saves_at_a_step_boundary_and_resumes(tmp_path):

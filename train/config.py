@@ -20,6 +20,24 @@ def _positive(name: str, value, allow_none: bool = False):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _int_in(name: str, value, lo: int, hi: int | None = None):
+    """An int in `[lo, hi)` (`hi` None: unbounded)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < lo
+        or (hi is not None and value >= hi)
+    ):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi})"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+
+
+def _bools(cls_name: str, obj, *fields: str):
+    for f in fields:
+        if not isinstance(getattr(obj, f), bool):
+            raise ValueError(f"{cls_name}.{f} must be a bool, got {getattr(obj, f)!r}")
+
+
 def _finite(name: str, value, lo: float = 0.0, strict: bool = False):
     if (
         isinstance(value, bool)
@@ -65,11 +83,15 @@ class OptimConfig:
         _finite("OptimConfig.weight_decay", self.weight_decay)
         _finite("OptimConfig.clip_norm", self.clip_norm, strict=True)
         _finite("OptimConfig.eps", self.eps, strict=True)
-        _finite("OptimConfig.warmup_steps", self.warmup_steps)
-        for f in ("min_lr_ratio", "b1", "b2"):
+        _int_in("OptimConfig.warmup_steps", self.warmup_steps, 0)
+        _bools("OptimConfig", self, "muon")
+        v = self.min_lr_ratio
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+            raise ValueError(f"OptimConfig.min_lr_ratio must be in [0, 1], got {v!r}")
+        for f in ("b1", "b2"):  # 1 would divide by zero in Adam's bias correction
             v = getattr(self, f)
-            if not isinstance(v, int | float) or not 0 <= v <= 1:
-                raise ValueError(f"OptimConfig.{f} must be in [0, 1], got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+                raise ValueError(f"OptimConfig.{f} must be in [0, 1), got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +147,7 @@ class CheckpointConfig:
         _positive("CheckpointConfig.every", self.every)
         _positive("CheckpointConfig.keep_last", self.keep_last)
         _positive("CheckpointConfig.keep_every", self.keep_every, allow_none=True)
+        _bools("CheckpointConfig", self, "async_save")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +171,7 @@ class LogConfig:
     def __post_init__(self):
         for f in ("every", "eval_every", "eval_batches"):
             _positive(f"LogConfig.{f}", getattr(self, f))
+        _bools("LogConfig", self, "tensorboard", "progress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +191,19 @@ class DistributedConfig:
     num_processes: int | None = None
     process_id: int | None = None
     auto: bool = False
+
+    def __post_init__(self):
+        _positive("DistributedConfig.num_processes", self.num_processes, allow_none=True)
+        if self.process_id is not None:
+            _int_in("DistributedConfig.process_id", self.process_id, 0, self.num_processes)
+        _bools("DistributedConfig", self, "auto")
+        c = self.coordinator
+        if c is not None:
+            host, _, port = c.rpartition(":") if isinstance(c, str) else ("", "", "")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"DistributedConfig.coordinator must be host:port (port 1-65535), got {c!r}"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +257,14 @@ class TrainConfig:
         _positive("TrainConfig.grad_accum", self.grad_accum)
         _positive("TrainConfig.steps", self.steps)
         _positive("TrainConfig.stop_after", self.stop_after, allow_none=True)
+        _int_in("TrainConfig.seed", self.seed, 0, 2**32)
+        _bools("TrainConfig", self, "fresh")
+        if self.run_dir is not None and (not isinstance(self.run_dir, str) or not self.run_dir):
+            raise ValueError(f"TrainConfig.run_dir must be a non-empty path, got {self.run_dir!r}")
+        if self.memory_budget_gb is not None:
+            _finite("TrainConfig.memory_budget_gb", self.memory_budget_gb, strict=True)
+        if self.peak_flops is not None:
+            _finite("TrainConfig.peak_flops", self.peak_flops, strict=True)
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"TrainConfig.batch_size={self.batch_size} is not divisible by "
@@ -230,6 +275,12 @@ class TrainConfig:
         if self.data.source == "mqar" and self.data.mqar_vocab > self.model.vocab_size:
             raise ValueError(
                 f"DataConfig.mqar_vocab={self.data.mqar_vocab} exceeds "
+                f"ModelConfig.vocab_size={self.model.vocab_size}"
+            )
+        eos = self.data.eos_id
+        if eos is not None and eos >= self.model.vocab_size:
+            raise ValueError(
+                f"DataConfig.eos_id={eos} is outside the model's vocab: "
                 f"ModelConfig.vocab_size={self.model.vocab_size}"
             )
         if self.data.source == "stdlib" and self.model.vocab_size < 256:

@@ -67,8 +67,10 @@ def _convert(name: str, tp, raw):
         groups = [raw[i : i + len(parts)] for i in range(0, len(raw), len(parts))]
         return tuple(tuple(_scalar(t, r) for t, r in zip(parts, g, strict=True)) for g in groups)
     except ValueError as err:
-        kind = str(tp).replace("typing.", "")
-        raise ValueError(f"--{name}: {raw!r} is not a valid {kind} ({err})") from None
+        kind = getattr(tp, "__name__", None) if isinstance(tp, type) else None
+        kind = kind or str(tp).replace("typing.", "")
+        flag = name.replace("_", "-")
+        raise ValueError(f"--{flag}: {raw!r} is not a valid {kind} ({err})") from None
 
 
 def _replace(obj, values: dict):
@@ -80,9 +82,23 @@ def _replace(obj, values: dict):
     return dataclasses.replace(obj, **here)
 
 
-def parse_dataclass(cls, default, argv: list[str], description: str = ""):
-    """An instance of `cls`: `default` with the overrides given in `argv` (module docstring)."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+class FlagSyntaxError(Exception):
+    """argparse rejected the command line itself (an unknown flag, a missing value)."""
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise FlagSyntaxError(message)
+
+
+def parse_dataclass(cls, default, argv: list[str], description: str = "", *, exit_on_error=True):
+    """An instance of `cls`: `default` with the overrides given in `argv` (module docstring).
+
+    With `exit_on_error=False`, a command line argparse rejects raises `FlagSyntaxError`
+    instead of printing usage and exiting (values are still checked: `ValueError`).
+    """
+    parser_cls = argparse.ArgumentParser if exit_on_error else _RaisingParser
+    parser = parser_cls(description=description, allow_abbrev=False)
     leaves = {}
     for name, tp, value in _fields(cls, default):
         leaves[name] = tp

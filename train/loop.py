@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 
 import jax
@@ -29,24 +30,60 @@ from train.signals import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, StopFlag
 from train.state import make_setup
 from ttt_jax.data import Batches, make_dataset
 from ttt_jax.models import flops_per_token, param_counts
+from ttt_jax.models.config import migrate_flat_fields
 
 log = logging.getLogger("train")
+
+
+def _usable_dir(path: str, flag: str = "--run-dir") -> None:
+    """Creates `path` if needed and checks that files can be written in it (ValueError naming
+    the flag otherwise: a file in the way, a read-only mount, no permission, /proc)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"{flag} {path!r} cannot be used as a run directory ({reason})") from None
 
 
 def _prepare_run_dir(cfg) -> str:
     run_dir = cfg.resolved_run_dir
     if jax.process_index() == 0:
-        if cfg.fresh and os.path.exists(run_dir):
-            shutil.rmtree(run_dir)
-        os.makedirs(run_dir, exist_ok=True)
+        if cfg.fresh and os.path.lexists(run_dir):
+            if not os.path.isdir(run_dir) or os.path.islink(run_dir):
+                raise ValueError(
+                    f"--run-dir {run_dir!r} is not a directory: --fresh deletes only run "
+                    "directories"
+                )
+            try:
+                shutil.rmtree(run_dir)
+            except OSError as err:
+                raise ValueError(
+                    f"--fresh could not delete --run-dir {run_dir!r} ({err.strerror or err})"
+                ) from None
+        _usable_dir(run_dir)
         old = os.path.join(run_dir, "config.json")
         if os.path.exists(old):
-            with open(old) as f:
-                saved = json.load(f)
+            try:
+                with open(old) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"{old} cannot be read ({type(err).__name__}: {err}): repair or remove it, "
+                    "or pass --fresh to start this run over"
+                ) from None
             now = json.loads(cfg.to_json())
+            saved = saved if isinstance(saved, dict) else {}
+            if isinstance(saved.get("model"), dict):
+                # A run from before the layer options were nested (`lact_heads` ->
+                # `lact.num_fw_heads`, ...) resumes as the same model.
+                saved["model"] = migrate_flat_fields(saved["model"])
             if saved.get("model") != now["model"]:
                 diff = sorted(
-                    k for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]
+                    k for k in now["model"] if (saved.get("model") or {}).get(k) != now["model"][k]
                 )
                 raise ValueError(
                     f"{run_dir} holds a run of another model (fields differ: {', '.join(diff)}); "
@@ -77,12 +114,7 @@ def run(cfg) -> int:
     cfg = dataclasses.replace(cfg, seq=resolve_seq(cfg))
     mesh = make_mesh(cfg.mesh.sizes)
     check_batch(cfg.batch_size, cfg.grad_accum, mesh)
-    data = make_dataset(cfg.data, cfg.seq, cfg.seed)
-    if data.vocab_size is not None and data.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"the data's vocab ({data.vocab_size}) exceeds ModelConfig.vocab_size="
-            f"{cfg.model.vocab_size}: pass --model.vocab-size {data.vocab_size}"
-        )
+    data = make_dataset(cfg.data, cfg.seq, cfg.seed, vocab_size=cfg.model.vocab_size)
     run_dir = _prepare_run_dir(cfg)
     setup = make_setup(cfg, mesh)
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
@@ -94,7 +126,7 @@ def run(cfg) -> int:
         state, start, position = setup.init_state(), 0, 0
     else:
         start, state, data_state = restored
-        position = int(data_state["batches"])
+        position = data_state["batches"]  # an int >= 0: the checkpoint verified it
         if data_state.get("fingerprint") != fingerprint:
             log.warning(
                 "the data differs from the checkpoint's (fingerprint %s vs %s): the resumed run "

@@ -19,7 +19,14 @@ import jax
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ttt_jax.models import MIXERS
+from ttt_jax.models import MIXERS, MLPS
+
+# The parameter names that hold a fast weight's initial value, per block part (the path
+# component a block's mixer or MLP sits under), from the families' registry entries.
+FAST_WEIGHTS = {
+    part: {name for family in families.values() for name in family.fast_weights}
+    for part, families in (("mixer", MIXERS), ("mlp", MLPS))
+}
 
 
 def schedule(lr: float, warmup: int, total: int, min_ratio: float) -> optax.Schedule:
@@ -41,15 +48,18 @@ def _core_axes(spec: P) -> tuple:
     return tuple(a for a in spec if a != "layers")
 
 
+def _fast_weight(names: list) -> bool:
+    return any(part in names and names[-1] in fast for part, fast in FAST_WEIGHTS.items())
+
+
 def decay_mask(params, logical_specs):
     """True where weight decay applies (module docstring); same tree as params."""
-    fast = {n for m in MIXERS.values() for n in m.fast_weights}
 
     def decide(path, spec, leaf):
         del leaf
         names, core = _names(path), _core_axes(spec)
         matrix = len(core) > 1 and ("embed" in core or "mlp" in core) and "conv" not in core
-        return matrix and not ("mixer" in names and names[-1] in fast)
+        return matrix and not _fast_weight(names)
 
     return jax.tree_util.tree_map_with_path(
         decide, logical_specs, params, is_leaf=lambda s: isinstance(s, P)
@@ -60,13 +70,11 @@ def muon_dims(params, logical_specs):
     """Muon dimension numbers per leaf (None: AdamW), from the logical axis names."""
     from optax.contrib import MuonDimensionNumbers
 
-    fast = {n for m in MIXERS.values() for n in m.fast_weights}
-
     def decide(path, spec, leaf):
         del leaf
         names, core = _names(path), _core_axes(spec)
         offset = len(spec) - len(core)
-        if len(core) < 2 or "embed" not in core or "vocab" in core or names[-1] in fast:
+        if len(core) < 2 or "embed" not in core or "vocab" in core or _fast_weight(names):
             return None
         return MuonDimensionNumbers(
             reduction_axis=(offset,), output_axis=tuple(range(offset + 1, len(spec)))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jax
 
+from ttt_jax.memory import plan
+
 
 def device_budget_bytes(cfg) -> int:
     """`cfg.memory_budget_gb`, else the first device's memory limit (GPU / TPU)."""
@@ -21,21 +23,10 @@ def resolve_seq(cfg) -> int:
     """The sequence length: `cfg.seq`, or the planner's choice for `auto`.
 
     Raises:
-      ValueError: for `auto` when the planner is not available in this checkout.
+      ValueError: for `auto` when no sequence length fits (`ttt_jax.memory.PlanError`, which
+        names the closest setting) or the device reports no memory budget.
     """
     if cfg.seq != "auto":
         return cfg.seq
-    try:
-        from ttt_jax.memory import plan
-    except ImportError:
-        raise ValueError(
-            "--seq auto needs the memory planner ttt_jax.memory.plan "
-            "(ttt_jax/memory/planner.py), which this installation does not have yet; pass "
-            "--seq N"
-        ) from None
     per_device = max(cfg.batch_size // cfg.grad_accum // jax.device_count(), 1)
-    result = plan(cfg.model, device_budget_bytes(cfg), batch=per_device)
-    seq = getattr(result, "seq", None) or getattr(result, "seq_len", None)
-    if not seq:
-        raise ValueError(f"the memory planner found no sequence length that fits: {result}")
-    return int(seq)
+    return plan(cfg.model, device_budget_bytes(cfg), batch=per_device).seq

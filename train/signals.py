@@ -12,6 +12,7 @@ import signal
 EXIT_OK = 0
 EXIT_CONFIG = 2  # bad configuration or arguments (the CLI's usual code)
 EXIT_NONFINITE = 3  # non-finite loss with nonfinite="stop"
+EXIT_CHECKPOINT = 4  # checkpoints exist but none can be restored (nothing changed on disk)
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal, checkpoint saved, run again to resume
 
 

@@ -25,7 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, param
-from ttt_jax.ops.core import check_choice, check_optional_positive_int, check_positive_int
+from ttt_jax.ops.core import (
+    check_choice,
+    check_optional_positive_int,
+    check_positive_int,
+    matmul,
+)
 from ttt_jax.ops.rope import rope
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -128,12 +133,9 @@ def causal_attention(
       `[B, S, d]` in the compute dtype.
     """
     cd = compute_dtype
-    x = x.astype(cd)
 
     def proj(w):
-        return jnp.einsum(
-            "bsd,dhe->bshe", x, w.astype(cd), preferred_element_type=jnp.float32
-        ).astype(cd)
+        return matmul("bsd,dhe->bshe", x, w, cd).astype(cd)
 
     q = rope(proj(w_q), positions, rope_theta)
     k = rope(proj(w_k), positions, rope_theta)
@@ -141,9 +143,7 @@ def causal_attention(
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, S, S]
     o = attend(q, k, proj(w_v), window=window, mask=mask, implementation=implementation)
-    return jnp.einsum(
-        "bshe,hed->bsd", o.astype(cd), w_o.astype(cd), preferred_element_type=jnp.float32
-    ).astype(cd)
+    return matmul("bshe,hed->bsd", o, w_o, cd).astype(cd)
 
 
 @dataclasses.dataclass(frozen=True)

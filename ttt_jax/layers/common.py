@@ -1,5 +1,5 @@
 """What every NNX layer shares: the mixed-precision policy and parameter creation with logical
-axis names.
+axis names. The numerics (matmul, norms, GELU) are the ops' own, `ttt_jax.ops.core.numerics`.
 
 Logical axis names used across the project (the training config maps them to mesh axes):
 `embed` (model width), `heads` (attention / TTT heads), `head_dim`, `qkv` (a flattened
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.ops.core import check_float_dtype, wide_dtype
+from ttt_jax.ops.core import check_float_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,40 +81,3 @@ def zeros(key, shape, dtype):
 def ones(key, shape, dtype):
     del key
     return jnp.ones(shape, dtype)
-
-
-def dense(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
-    """`x @ w` over the last axis of x, in the compute dtype with fp32 accumulation.
-
-    The result is returned in the compute dtype: activations between layers are stored at
-    compute precision, which is what halves activation memory under bf16. An fp64 compute dtype
-    (tests under `jax_enable_x64`) accumulates in fp64.
-    """
-    y = jnp.einsum(
-        "...i,io->...o",
-        x.astype(compute_dtype),
-        w.astype(compute_dtype),
-        preferred_element_type=wide_dtype(compute_dtype),
-    )
-    return y.astype(compute_dtype)
-
-
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """LayerNorm over the last axis, computed in fp32, returned in fp32."""
-    x = x.astype(jnp.float32)
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(
-        jnp.float32
-    )
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """RMSNorm over the last axis, computed and returned in fp32 (fp64 for fp64 x)."""
-    dtype = wide_dtype(x.dtype)
-    x = x.astype(dtype)
-    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + eps) * scale.astype(dtype)
-
-
-def gelu_tanh(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax import lax
 
-from ttt_jax.layers.common import FP32, MixedPrecision, dense, gelu_tanh, normal, param, zeros
-from ttt_jax.ops.core import check_scan_knobs, check_shapes, matmul
+from ttt_jax.layers.common import FP32, MixedPrecision, normal, param, zeros
+from ttt_jax.ops.core import check_scan_knobs, check_shapes, gelu_tanh, matmul
 from ttt_jax.ops.inplace import BACKWARDS, CONV_KERNEL_SIZES, PREFIXES, InPlaceState, inplace_ttt
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": gelu_tanh}
@@ -58,6 +58,7 @@ class InPlaceMLPConfig:
       clip_tau: Frobenius clip of each chunk's update (None: off, the training default).
       ttt: False gives the plain gated MLP with the same parameters (the baseline).
       prefix, backward, checkpoint_group, remat_policy: passed to `inplace_ttt`.
+      precision: the mixed-precision policy.
     """
 
     d_model: int
@@ -73,6 +74,7 @@ class InPlaceMLPConfig:
     backward: str = "custom"
     checkpoint_group: int | None = None
     remat_policy: str | None = None
+    precision: MixedPrecision = FP32
 
     def __post_init__(self):
         for field in ("d_model", "d_ff", "chunk_size"):
@@ -108,6 +110,10 @@ class InPlaceMLPConfig:
             raise ValueError(f"InPlaceMLPConfig.clip_tau must be None or > 0, got {tau!r}")
         if not isinstance(self.ttt, bool):
             raise ValueError(f"InPlaceMLPConfig.ttt must be a bool, got {self.ttt!r}")
+        if not isinstance(self.precision, MixedPrecision):
+            raise ValueError(
+                f"InPlaceMLPConfig.precision must be a MixedPrecision, got {self.precision!r}"
+            )
         try:
             check_scan_knobs(self.checkpoint_group, self.remat_policy)
         except ValueError as err:
@@ -133,12 +139,9 @@ class InPlaceCache:
 class InPlaceMLP(nnx.Module):
     """Gated MLP with In-Place TTT on its down projection (module docstring)."""
 
-    def __init__(
-        self, config: InPlaceMLPConfig, *, precision: MixedPrecision = FP32, rngs: nnx.Rngs
-    ):
+    def __init__(self, config: InPlaceMLPConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.precision = precision
-        c, pd = config, precision.param_dtype
+        c, pd = config, config.precision.param_dtype
         d, f = c.d_model, c.d_ff
         self.w_gate = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
         self.w_up = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
@@ -148,19 +151,19 @@ class InPlaceMLP(nnx.Module):
 
     def hidden(self, x: jax.Array) -> jax.Array:
         """`Z = act(x W_gate) * (x W_up)`: `[B, T, d]` -> `[B, T, F]` in the compute dtype."""
-        cd = self.precision.compute_dtype
-        gate = dense(x, self.w_gate[...], cd).astype(jnp.float32)
-        up = dense(x, self.w_up[...], cd).astype(jnp.float32)
+        cd = self.config.precision.compute_dtype
+        gate = matmul("btd,df->btf", x, self.w_gate[...], cd).astype(cd).astype(jnp.float32)
+        up = matmul("btd,df->btf", x, self.w_up[...], cd).astype(cd).astype(jnp.float32)
         return (ACTIVATIONS[self.config.activation](gate) * up).astype(cd)
 
     def _targets(self, x: jax.Array, embeddings: jax.Array | None) -> jax.Array:
         c = self.config
         if c.target_source == "input":
-            return x.astype(self.precision.compute_dtype)
+            return x.astype(c.precision.compute_dtype)
         if embeddings is None:
             raise ValueError("embeddings (X0) are required with target_source='embeddings'")
         check_shapes([("x", x, ("B", "T", c.d_model)), ("embeddings", embeddings, ("B", "T", "d"))])
-        return embeddings.astype(self.precision.compute_dtype)
+        return embeddings.astype(c.precision.compute_dtype)
 
     def _op(self, z, target, **kw):
         c = self.config
@@ -176,7 +179,7 @@ class InPlaceMLP(nnx.Module):
             clip_tau=c.clip_tau,
             checkpoint_group=c.checkpoint_group,
             remat_policy=c.remat_policy,
-            state_dtype=self.precision.state_dtype,
+            state_dtype=c.precision.state_dtype,
             prefix=c.prefix,
             backward=c.backward,
             **kw,
@@ -200,7 +203,7 @@ class InPlaceMLP(nnx.Module):
         Returns:
           `y: [B, T, d]` in the compute dtype.
         """
-        c, cd = self.config, self.precision.compute_dtype
+        c, cd = self.config, self.config.precision.compute_dtype
         check_shapes([("x", x, ("B", "T", c.d_model))])
         z = self.hidden(x)
         if not c.ttt:
@@ -210,7 +213,8 @@ class InPlaceMLP(nnx.Module):
 
     def init_cache(self, batch_size: int) -> InPlaceCache:
         """An empty streaming cache: the fast weight at `w_down`, no pending tokens."""
-        c, pr = self.config, self.precision
+        c = self.config
+        pr = c.precision
         w = jnp.broadcast_to(
             self.w_down[...].astype(pr.state_dtype), (batch_size, c.d_model, c.d_ff)
         )
@@ -244,7 +248,7 @@ class InPlaceMLP(nnx.Module):
         self, x: jax.Array, cache: InPlaceCache, embeddings: jax.Array | None = None
     ) -> tuple[jax.Array, InPlaceCache]:
         """One token (`x: [B, 1, d]`, `embeddings: [B, 1, d]`): its output and the new cache."""
-        c, cd = self.config, self.precision.compute_dtype
+        c, cd = self.config, self.config.precision.compute_dtype
         check_shapes([("x", x, ("B", 1, c.d_model))])
         z = self.hidden(x)
         target = self._targets(x, embeddings)

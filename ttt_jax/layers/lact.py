@@ -18,7 +18,8 @@ Precision (`MixedPrecision`): parameters in `param_dtype`; projections and the o
 `compute_dtype` with fp32 accumulation; the TTT branch's elementwise work (scale, silu, L2 norm,
 RoPE angles), the rates, momentum and every norm in fp32; fast weights in `state_dtype`.
 
-Streaming: `layer(x, initial_state=cache) -> (y, cache')` continues a sequence. The cache
+Streaming: `layer.decode(x, cache) -> (y, cache')` continues a sequence (`layer(x)` is
+`layer.decode(x)[0]`, a fresh one). The cache
 (`LaCTCache`) holds the fast weights after the last complete chunk, the TTT inputs of the
 unfinished chunk (re-read with the new tokens, since the op only learns from whole chunks),
 the last `window - 1` attention keys and values, and the position. Feeding a sequence in pieces
@@ -35,23 +36,15 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from ttt_jax.layers.attention import IMPLEMENTATIONS, attend
-from ttt_jax.layers.common import (
-    BF16,
-    FP32,
-    MixedPrecision,
-    dense,
-    normal,
-    ones,
-    param,
-    rms_norm,
-    wide_dtype,
-    zeros,
-)
+from ttt_jax.layers.common import BF16, FP32, MixedPrecision, normal, ones, param, zeros
 from ttt_jax.ops.core import (
     check_choice,
     check_optional_positive_int,
     check_positive_int,
     check_scan_knobs,
+    matmul,
+    rms_norm,
+    wide_dtype,
 )
 from ttt_jax.ops.lact import BACKWARDS, LaCTState, lact_low_rank_weight, lact_swiglu
 from ttt_jax.ops.rope import rope
@@ -289,14 +282,18 @@ class LaCTLayer(nnx.Module):
             position=jnp.zeros((), jnp.int32),
         )
 
-    def __call__(
-        self, x: jax.Array, initial_state: LaCTCache | None = None
-    ) -> tuple[jax.Array, LaCTCache]:
-        """Applies the layer to `x: [B, T, d]`, continuing from `initial_state` if given.
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Whole-sequence forward: `x: [B, T, d]` -> `y: [B, T, d]` in the compute dtype.
 
-        Without `initial_state` the sequence starts fresh at position 0 and the fast weight at
-        `slow_weights()` (gradients reach the start through the whole scan); with it, the call
-        continues the cached sequence.
+        The sequence starts at position 0 and the fast weight at `slow_weights()` (gradients
+        reach the start through the whole scan).
+        """
+        y, _ = self.decode(x)
+        return y
+
+    def decode(self, x: jax.Array, cache: LaCTCache | None = None) -> tuple[jax.Array, LaCTCache]:
+        """Reads `x: [B, T, d]` (any T >= 1) continuing from `cache` (None: a fresh sequence,
+        exactly as `__call__`).
 
         Returns:
           `y: [B, T, d]` in the compute dtype, and the `LaCTCache` after these tokens.
@@ -305,13 +302,12 @@ class LaCTLayer(nnx.Module):
         cd = c.precision.compute_dtype
         if x.ndim != 3 or x.shape[-1] != c.d_model:
             raise ValueError(f"x has shape {x.shape} but expected (B, T, {c.d_model})")
-        cache = self._empty_cache(x.shape[0], None) if initial_state is None else initial_state
+        if cache is None:
+            cache = self._empty_cache(x.shape[0], None)
         b, t, d = x.shape
         x = x.astype(cd)
         positions = cache.position + jnp.arange(t)
-        qkv = jnp.einsum(
-            "btd,dje->btje", x, self.W_qkv[...].astype(cd), preferred_element_type=wide_dtype(cd)
-        ).astype(cd)
+        qkv = matmul("btd,dje->btje", x, self.W_qkv[...], cd).astype(cd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         attn, attn_k, attn_v = self._attention(q, k, v, positions, cache)
 
@@ -348,7 +344,8 @@ class LaCTLayer(nnx.Module):
         o = rms_norm(o[:, n:], self.ttt_norm[...], c.norm_eps)
         if c.learnable_scale:
             o = o * jax.nn.silu(self._project(x, self.W_s[...]))[..., None]
-        y = dense((attn.astype(o.dtype) + o.reshape(b, t, d)).astype(cd), self.W_o[...], cd)
+        y = matmul("btd,de->bte", attn.astype(o.dtype) + o.reshape(b, t, d), self.W_o[...], cd)
+        y = y.astype(cd)
 
         pending = (n + t) % c.chunk_size
         keep = lambda a: a[:, a.shape[1] - pending :]  # noqa: E731
@@ -367,8 +364,7 @@ class LaCTLayer(nnx.Module):
 
     def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
         """`x @ w` over d for the rate, momentum and scale heads, returned in fp32."""
-        cd = self.config.precision.compute_dtype
-        return jnp.einsum("btd,d...->bt...", x, w.astype(cd), preferred_element_type=wide_dtype(cd))
+        return matmul("btd,d...->bt...", x, w, self.config.precision.compute_dtype)
 
     def _attention(self, q, k, v, positions, cache: LaCTCache):
         """The windowed attention branch and the keys / values it keeps for the next call."""

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.attention import causal_attention
-from ttt_jax.layers.common import MixedPrecision, normal, ones, param, rms_norm
+from ttt_jax.layers.common import MixedPrecision, normal, ones, param
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
-from ttt_jax.ops.core import check_positive_int, check_shapes
+from ttt_jax.ops.core import check_positive_int, check_shapes, rms_norm
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,8 @@ same block, passed in by the caller) and is never formed (`ttt_jax.ops.npt`):
   `w_t = r_t W_w` (`[k, F]`), and `Delta W_t = sum_k u_{t,k}^T w_{t,k}`. By default
   (`rank_k_form="factored"`) not even u and w are formed: `h_t . u_{t,k}` and the sum over k
   regroup through `[r, k]` per-token numbers (`ttt_jax.ops.npt_generated_rank_k_linear`).
-- `modulation="none"`: the plain SwiGLU MLP with the same parameters minus the modulation,
-  the baseline that memory tests and benchmarks compare with.
+- `modulation="none"`: the plain SwiGLU MLP (`ttt_jax.layers.mlp`, the same parameters and
+  computation), the baseline that memory tests and benchmarks compare with.
 
 Regulariser (optional, `reg_lambda > 0`), returned as the layer's auxiliary loss, in fp32:
 
@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ttt_jax.layers.common import FP32, MixedPrecision, dense, normal, param
+from ttt_jax.layers.common import FP32, MixedPrecision, normal, param
+from ttt_jax.layers.mlp import swiglu_down, swiglu_params
 from ttt_jax.ops.core import check_choice, check_positive_int, check_shapes, matmul
 from ttt_jax.ops.npt import (
     npt_generated_rank_k_linear,
@@ -128,9 +129,7 @@ class NPTMLP(nnx.Module):
         self.config = config
         c, pd = config, config.precision.param_dtype
         d, f, r, dm = c.d_model, c.d_ff, c.rank, c.mod_width
-        self.W_gate = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
-        self.W_up = param(rngs, normal(d**-0.5), (d, f), ("embed", "mlp"), pd)
-        self.W_down = param(rngs, normal(f**-0.5), (f, d), ("mlp", "embed"), pd)
+        self.W_gate, self.W_up, self.W_down = swiglu_params(rngs, d, f, pd)
         if c.modulation == "low_rank":
             self.A = param(rngs, normal(0.01 / math.sqrt(d)), (d, r), ("embed", "rank"), pd)
             self.B = param(rngs, normal(0.01 / math.sqrt(r)), (r, f), ("rank", "mlp"), pd)
@@ -168,7 +167,7 @@ class NPTMLP(nnx.Module):
         x = x.astype(cd)
         aux = jnp.zeros((), jnp.float32)
         if c.modulation == "none":
-            gate = dense(x, self.W_gate[...], cd)
+            gate = matmul("bsd,df->bsf", x, self.W_gate[...], cd).astype(cd)
         elif c.modulation == "low_rank":
             # m is [B, S, r]: fp32 costs nothing and keeps tanh's small outputs exact.
             m = c.mod_scale * jnp.tanh(matmul("bsi,ir->bsr", a, self.A_m[...], cd))
@@ -197,6 +196,4 @@ class NPTMLP(nnx.Module):
                     )
                     aux = c.reg_lambda * sq / (x.shape[0] * x.shape[1])
                 gate = npt_rank_k_linear(x, u, w, W=self.W_gate[...])
-        up = dense(x, self.W_up[...], cd)
-        z = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(cd)
-        return dense(z, self.W_down[...], cd), aux
+        return swiglu_down(x, gate, self.W_up[...], self.W_down[...], cd), aux

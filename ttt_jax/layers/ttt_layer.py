@@ -26,21 +26,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from ttt_jax.layers.common import (
-    FP32,
-    MixedPrecision,
-    dense,
+from ttt_jax.layers.common import FP32, MixedPrecision, normal, ones, param, zeros
+from ttt_jax.ops.causal_conv import causal_conv
+from ttt_jax.ops.core import (
+    check_choice,
+    check_positive_int,
+    check_scan_knobs,
+    check_shapes,
+    doc_spans,
     gelu_tanh,
     layer_norm,
-    normal,
-    ones,
-    param,
-    zeros,
+    matmul,
 )
-from ttt_jax.ops.causal_conv import causal_conv
-from ttt_jax.ops.core import check_choice, check_positive_int, check_scan_knobs
 from ttt_jax.ops.rope import rope
 from ttt_jax.ops.ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
+
+# The post LayerNorm's epsilon, and the dtype it computes in whatever the compute dtype (SPEC 4).
+POST_NORM_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +172,30 @@ class TTTLayer(nnx.Module):
 
     # ----------------------------------------------------------------- public API
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Whole-sequence forward. `x: [B, T, d_model]` -> `[B, T, d_model]` (compute dtype)."""
-        y, _ = self.decode(x, self.init_cache(x.shape[0]))
-        return y
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Whole-sequence forward. `x: [B, T, d_model]` -> `[B, T, d_model]` (compute dtype).
+
+        `segment_ids: [B, T]` integers (a new document wherever the id changes) packs documents
+        in a row: the q/k convs, the RoPE positions (mod C from each document's start) and the
+        fast weights restart at every document, so each gets the outputs it would get alone.
+        """
+        if segment_ids is None:
+            y, _ = self.decode(x)
+            return y
+        c = self.config
+        check_shapes([("x", x, ("B", "T", c.d_model)), ("segment_ids", segment_ids, ("B", "T"))])
+        if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+            raise ValueError(
+                f"segment_ids must have an integer dtype, got {jnp.result_type(segment_ids)}"
+            )
+        x = x.astype(c.precision.compute_dtype)
+        cache = self.init_cache(x.shape[0])
+        q, k, v, _ = self._qkv(x, cache.conv_history, segment_ids)
+        positions = doc_spans(segment_ids).within % c.mini_batch_size
+        q = rope(q, positions, c.rope_theta)
+        k = rope(k, positions, c.rope_theta)
+        o, _ = self._ttt(q, k, v, self._eta(x), cache.state, segment_ids)
+        return self._output(x, o)
 
     def init_cache(self, batch_size: int) -> TTTCache:
         """An empty streaming cache: fast weights at their initial values, nothing pending."""
@@ -194,16 +216,30 @@ class TTTLayer(nnx.Module):
             eta=jnp.zeros((b, 0, h), jnp.float32),
         )
 
-    def decode(self, x: jax.Array, cache: TTTCache) -> tuple[jax.Array, TTTCache]:
-        """Reads `x: [B, L, d_model]` (any L >= 1) continuing from `cache`.
+    def decode(
+        self, x: jax.Array, cache: TTTCache | None = None, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, TTTCache]:
+        """Reads `x: [B, L, d_model]` (any L >= 1) continuing from `cache` (None: a fresh
+        sequence, `init_cache`).
+
+        A decode streams one document: `segment_ids` is rejected (a ValueError); start the
+        next document from `init_cache`, or call the layer on the packed row.
 
         Returns:
           `y: [B, L, d_model]` and the cache after these tokens.
         """
+        if segment_ids is not None:
+            raise ValueError(
+                "TTTLayer.decode streams one document and does not take segment_ids: start each "
+                "document from init_cache(batch_size), or call the layer on the packed row "
+                "(layer(x, segment_ids=...))"
+            )
         c = self.config
         cd = c.precision.compute_dtype
         if x.ndim != 3 or x.shape[-1] != c.d_model:
             raise ValueError(f"x has shape {x.shape} but expected (B, T, {c.d_model})")
+        if cache is None:
+            cache = self.init_cache(x.shape[0])
         x = x.astype(cd)
         n_pending, length = cache.q.shape[1], x.shape[1]
         q, k, v, history = self._qkv(x, cache.conv_history)
@@ -237,27 +273,26 @@ class TTTLayer(nnx.Module):
         names = ("W1", "b1") if self.config.inner == "linear" else ("W1", "b1", "W2", "b2")
         return {n: getattr(self, n)[...] for n in names}
 
-    def _qkv(self, x, history):
+    def _qkv(self, x, history, segment_ids=None):
         c = self.config
         cd = c.precision.compute_dtype
         b, t, _ = x.shape
         if c.backbone == "mamba":
-            xqk = dense(x, self.W_qk[...], cd)
-            q = causal_conv(xqk, self.conv_q_w[...], self.conv_q_b[...], history)
-            k = causal_conv(xqk, self.conv_k_w[...], self.conv_k_b[...], history)
+            xqk = matmul("btd,de->bte", x, self.W_qk[...], cd).astype(cd)
+            q = causal_conv(xqk, self.conv_q_w[...], self.conv_q_b[...], history, segment_ids)
+            k = causal_conv(xqk, self.conv_k_w[...], self.conv_k_b[...], history, segment_ids)
             seen = jnp.concatenate([history, xqk], axis=1)
             history = seen[:, seen.shape[1] - history.shape[1] :]
         else:
-            q, k = dense(x, self.W_q[...], cd), dense(x, self.W_k[...], cd)
-        v = dense(x, self.W_v[...], cd)
+            q = matmul("btd,de->bte", x, self.W_q[...], cd).astype(cd)
+            k = matmul("btd,de->bte", x, self.W_k[...], cd).astype(cd)
+        v = matmul("btd,de->bte", x, self.W_v[...], cd).astype(cd)
         shape = (b, t, c.num_heads, c.head_dim)
         return q.reshape(shape), k.reshape(shape), v.reshape(shape), history
 
     def _eta(self, x):
         c = self.config
-        logits = jnp.einsum(
-            "btw,hw->bth", x, self.lr_w[...].astype(x.dtype), preferred_element_type=jnp.float32
-        )
+        logits = matmul("btw,hw->bth", x, self.lr_w[...], x.dtype)
         return c.lr_scale * jax.nn.sigmoid(logits + self.lr_b[...]) / c.head_dim
 
     def _token_scale(self):
@@ -265,7 +300,7 @@ class TTTLayer(nnx.Module):
         base = 1.0 / jnp.arange(1, c.mini_batch_size + 1, dtype=jnp.float32)
         return jnp.maximum(base + self.token_offset[...].astype(jnp.float32), 0.0)
 
-    def _ttt(self, q, k, v, eta, state):
+    def _ttt(self, q, k, v, eta, state, segment_ids=None):
         c = self.config
         op = ttt_linear if c.inner == "linear" else ttt_mlp
         return op(
@@ -279,6 +314,7 @@ class TTTLayer(nnx.Module):
             mini_batch_size=c.mini_batch_size,
             token_scale=self._token_scale(),
             initial_state=state,
+            segment_ids=segment_ids,
             checkpoint_group=c.checkpoint_group,
             remat_policy=c.remat_policy,
             state_dtype=c.precision.state_dtype,
@@ -289,10 +325,17 @@ class TTTLayer(nnx.Module):
         c = self.config
         cd = c.precision.compute_dtype
         b, t = o.shape[:2]
-        o = layer_norm(o.reshape(b, t, -1), self.post_norm_scale[...], self.post_norm_bias[...])
+        o = layer_norm(
+            o.reshape(b, t, -1),
+            self.post_norm_scale[...],
+            self.post_norm_bias[...],
+            eps=POST_NORM_EPS,
+            dtype=jnp.float32,
+        )
         if c.backbone == "mamba":
-            o = gelu_tanh(dense(x, self.W_g[...], cd).astype(jnp.float32)) * o
-        return dense(o.astype(cd), self.W_o[...], cd)
+            gate = matmul("btd,de->bte", x, self.W_g[...], cd).astype(cd)
+            o = gelu_tanh(gate.astype(jnp.float32)) * o
+        return matmul("bte,ed->btd", o, self.W_o[...], cd).astype(cd)
 
 
 class TTTLinear(TTTLayer):

@@ -25,13 +25,14 @@ import sys
 
 import jax
 
+from ttt_jax.cli import run_cli
 from ttt_jax.memory.layer_spec import BACKWARD_LAYERS, LAYERS, LayerSpec
 from ttt_jax.memory.model_workload import ModelWorkload
 from ttt_jax.memory.planner import parse_bytes, plan
 from ttt_jax.memory.report import workload_report
 from ttt_jax.memory.workload import Workload
 from ttt_jax.models import PRESETS, preset
-from ttt_jax.ops.core import POLICY_NAMES
+from ttt_jax.ops.core import POLICY_NAMES, resolve_policy
 
 
 def group_arg(text: str) -> int | None | str:
@@ -41,26 +42,88 @@ def group_arg(text: str) -> int | None | str:
     if text == "default":
         return text
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int, 'none' or 'default'")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An int >= 1 (argparse names the flag when it is not)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int")
+    return value
+
+
+def budget_arg(text: str) -> int | str:
+    """`--budget`: a size > 0 (`24GiB`, `80GB`, `1.5e9`) or `device`."""
+    if text == "device":
+        return text
+    try:
+        value = parse_bytes(text)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a positive int, 'none' or 'default'"
+            f"{text!r} is not a size like 24GiB, 512MiB, 80GB or 1.5e9, or 'device'"
         ) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size > 0")
+    return value
+
+
+def policy_arg(text: str) -> str:
+    """`--remat-policy` / `--block-remat`: a policy name (`ttt_jax.ops.core.remat`)."""
+    try:
+        resolve_policy(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+# Field names in the layer configs' and the planner's messages -> the flag that sets them.
+FLAGS = {
+    "LayerSpec.": "--",
+    "d_model": "--d-model",
+    "num_heads": "--heads",
+    "num_fw_heads": "--heads",
+    "mini_batch_size": "--mini-batch",
+    "chunk_size": "--chunk",
+    "d_ff": "--d-ff",
+    "checkpoint_group": "--checkpoint-group",
+    "remat_policy": "--remat-policy",
+    "block_remat": "--block-remat",
+    "backward": "--backward",
+    "seq": "--seq",
+    "batch": "--batch",
+    "budget_bytes": "--budget",
+}
 
 
 def add_target_args(p: argparse.ArgumentParser) -> None:
     d = LayerSpec()
     layer = p.add_argument_group("layer (ignored with --model but for the scan knobs)")
     layer.add_argument("--layer", choices=LAYERS, default=d.layer, help="the layer to compile")
-    layer.add_argument("--seq", type=int, default=d.seq, help="sequence length T")
-    layer.add_argument("--batch", type=int, default=d.batch, help="batch size B")
-    layer.add_argument("--d-model", type=int, default=d.d_model, help="model width")
-    layer.add_argument("--heads", type=int, default=d.heads, help="heads (TTT and LaCT)")
-    layer.add_argument("--mini-batch", type=int, default=d.mini_batch, help="TTT mini-batch C")
+    layer.add_argument("--seq", type=positive_int, default=d.seq, help="sequence length T")
+    layer.add_argument("--batch", type=positive_int, default=d.batch, help="batch size B")
+    layer.add_argument("--d-model", type=positive_int, default=d.d_model, help="model width")
+    layer.add_argument("--heads", type=positive_int, default=d.heads, help="heads (TTT and LaCT)")
     layer.add_argument(
-        "--chunk", type=int, default=None, help="chunk of lact (default 2048) and inplace (1024)"
+        "--mini-batch", type=positive_int, default=d.mini_batch, help="TTT mini-batch C"
     )
-    layer.add_argument("--d-ff", type=int, default=None, help="MLP width of inplace / npt (4d)")
+    layer.add_argument(
+        "--chunk",
+        type=positive_int,
+        default=None,
+        help="chunk of lact (default 2048) and inplace_ttt (1024)",
+    )
+    layer.add_argument(
+        "--d-ff", type=positive_int, default=None, help="MLP width of inplace / npt (4d)"
+    )
     layer.add_argument(
         "--backward",
         choices=("custom", "autodiff"),
@@ -77,6 +140,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     )
     knobs.add_argument(
         "--remat-policy",
+        type=policy_arg,
         default=None,
         help=f"policy inside a group: {', '.join(POLICY_NAMES)} (default full)",
     )
@@ -99,6 +163,7 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     )
     model.add_argument(
         "--block-remat",
+        type=policy_arg,
         default=None,
         help=f"block remat policy: {', '.join(POLICY_NAMES)} (default: the preset's, none)",
     )
@@ -117,16 +182,18 @@ def target_workload(a: argparse.Namespace) -> Workload:
             raise ValueError("--baseline and --block-remat need --model")
         return layer_spec(a).workload()
     config = preset(f"{a.model}-attn" if a.baseline else a.model)
-    knobs = {}
     if a.precision is not None:
-        knobs.update(precision=a.precision)
+        config = dataclasses.replace(config, precision=a.precision)
+    workload = ModelWorkload(config)
+    remat = workload.remat  # the preset's own, changed by the flags given
     if a.checkpoint_group != "default":
-        knobs.update(checkpoint_group=a.checkpoint_group)
+        remat = dataclasses.replace(remat, checkpoint_group=a.checkpoint_group)
     if a.remat_policy is not None:
-        knobs.update(inner_remat_policy=a.remat_policy)
+        remat = dataclasses.replace(remat, remat_policy=a.remat_policy)
     if a.block_remat is not None:
-        knobs.update(block_remat=a.block_remat)
-    return ModelWorkload(dataclasses.replace(config, **knobs))
+        block = None if a.block_remat == "none" else a.block_remat
+        remat = dataclasses.replace(remat, block_remat=block)
+    return workload.with_remat(remat)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -151,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
     )
     planner.add_argument(
         "--budget",
+        type=budget_arg,
         required=True,
         help="device memory, e.g. 24GiB, 80GB, 1.5e9, or `device` (the GPU's own limit)",
     )
@@ -172,18 +240,23 @@ def device_budget() -> int:
     return int(stats["bytes_limit"])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command; a user error prints one line and returns 2 (`ttt_jax.cli`)."""
+    return run_cli(lambda: _main(argv), fields=FLAGS)
+
+
+def _main(argv: list[str] | None) -> None:
     a = parser().parse_args(sys.argv[1:] if argv is None else argv)
     workload = target_workload(a)
     if a.command == "report":
         report = workload_report(workload, a.batch, a.seq, measure=a.measure)
         print(report.to_json() if a.json else report.table())
         return
-    budget = device_budget() if a.budget == "device" else parse_bytes(a.budget)
+    budget = device_budget() if a.budget == "device" else a.budget
     fixed = dict(seq=a.seq) if a.search == "batch" else {}
     result = plan(workload, budget, batch=a.batch, **fixed)
     print(json.dumps(result.to_dict(), indent=2) if a.json else result.summary())
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

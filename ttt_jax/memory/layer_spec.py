@@ -1,16 +1,30 @@
-"""A layer at a given shape, named the way the command line names it (`--layer ttt_linear ...`)."""
+"""A layer at a given shape, named the way the command line names it (`--layer ttt_linear ...`).
+
+The layers are the model registry's TTT families (`ttt_jax.models.registry`), and a spec builds
+its layer config the way a model does: from what a model shares with its layers (`Shared`) and
+the family's options, here at their defaults but for the shape flags below.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-from ttt_jax.layers import InPlaceMLPConfig, LaCTConfig, MixedPrecision, NPTMLPConfig, TTTConfig
+from ttt_jax.layers import MixedPrecision
 from ttt_jax.memory.layer_workload import LayerWorkload
+from ttt_jax.models import FAMILIES, Shared
+from ttt_jax.models.config import OPTIONS
 
-LAYERS = ("ttt_linear", "ttt_mlp", "lact", "inplace", "npt")
+# Every family but the baselines (attention, the plain SwiGLU MLP), by registry name.
+LAYERS = tuple(name for name in FAMILIES if name not in ("attention", "swiglu"))
+
+
+def _option_fields(name: str) -> tuple[str, ...]:
+    section = FAMILIES[name].options
+    return () if section is None else tuple(f.name for f in dataclasses.fields(OPTIONS[section]))
+
+
 # Layers whose op has a choice of backward (`custom` / `autodiff`).
-BACKWARD_LAYERS = ("lact", "inplace")
-DEFAULT_CHUNK = {"lact": 2048, "inplace": 1024}
+BACKWARD_LAYERS = tuple(n for n in LAYERS if "backward" in _option_fields(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,22 +34,23 @@ class LayerSpec:
     Attributes:
       layer: one of `LAYERS`: `ttt_linear` / `ttt_mlp` (`TTTLayer`), `lact` (`LaCTLayer`: its
         window attention and fast weights; on the CPU, XLA's attention materialises the
-        `[B, H, T, T]` scores, which dominate at long T), `inplace` (`InPlaceMLP`, targets from
-        its input), `npt` (`NPTMLP`, low-rank, modulated by its input).
+        `[B, H, T, T]` scores, which dominate at long T), `inplace_ttt` (`InPlaceMLP`, targets
+        from its input), `npt` (`NPTMLP`, low-rank, modulated by its input).
       seq: sequence length T.
       batch: batch size B.
       d_model: model width (the 125M shape is 768 with 12 heads).
       heads: number of heads (TTT layers; LaCT's attention and fast-weight heads, with
         low-rank starts of rank min(32, d_model / heads)).
       mini_batch: TTT mini-batch size C (ttt_linear, ttt_mlp).
-      chunk: tokens per fast-weight update of `lact` (None: 2048) and `inplace` (None: 1024).
-      d_ff: MLP hidden width of `inplace` / `npt` (None: 4 * d_model).
-      checkpoint_group: inner-scan remat group (None: no remat; "default": the layer config's
-        own default, 4 for TTT layers, none for the others).
+      chunk: tokens per fast-weight update of `lact` and `inplace_ttt` (None: the options'
+        default, 2048 and 1024).
+      d_ff: MLP hidden width of `inplace_ttt` / `npt` (None: 4 * d_model).
+      checkpoint_group: inner-scan remat group (None: no remat; "default": the options' own
+        default, 4 for TTT layers, none for the others).
       remat_policy: policy name inside a group.
-      backward: `lact` / `inplace`: "custom" or "autodiff" (None: custom, except `inplace` with
-        a checkpoint group: its custom backward keeps no per-chunk state, so the knobs act on
-        the autodiff one).
+      backward: `lact` / `inplace_ttt`: "custom" or "autodiff" (None: custom, except
+        `inplace_ttt` with a checkpoint group: its custom backward keeps no per-chunk state, so
+        the knobs act on the autodiff one).
       precision: "fp32" or "bf16" (fp32 params and state, bf16 compute).
     """
 
@@ -66,46 +81,31 @@ class LayerSpec:
 
     def workload(self) -> LayerWorkload:
         """The layer config this spec names, as a workload (raises the config's own errors)."""
-        precision = MixedPrecision.named(self.precision)
-        d_ff = self.d_ff or 4 * self.d_model
-        chunk = self.chunk or DEFAULT_CHUNK.get(self.layer)
+        family = FAMILIES[self.layer]
+        shared = Shared(
+            d_model=self.d_model,
+            num_heads=self.heads,
+            d_ff=self.d_ff or 4 * self.d_model,
+            precision=MixedPrecision.named(self.precision),
+        )
+        fields = _option_fields(self.layer)
         knobs = dict(remat_policy=self.remat_policy)
         if self.checkpoint_group != "default":
             knobs.update(checkpoint_group=self.checkpoint_group)
-        group = knobs.get("checkpoint_group")
-        if self.layer in ("ttt_linear", "ttt_mlp"):
-            config = TTTConfig(
-                d_model=self.d_model,
-                num_heads=self.heads,
-                inner="linear" if self.layer == "ttt_linear" else "mlp",
-                mini_batch_size=self.mini_batch,
-                precision=precision,
-                **knobs,
-            )
-            return LayerWorkload(config)
-        if self.layer == "lact":
-            config = LaCTConfig(
-                d_model=self.d_model,
-                num_heads=self.heads,
-                num_fw_heads=self.heads,
-                chunk_size=chunk,
-                rank=min(32, self.d_model // self.heads),
-                backward=self.backward or "custom",
-                precision=precision,
-                **knobs,
-            )
-            return LayerWorkload(config)
-        if self.layer == "inplace":
-            backward = self.backward or ("custom" if group is None else "autodiff")
-            config = InPlaceMLPConfig(
-                d_model=self.d_model,
-                d_ff=d_ff,
-                chunk_size=chunk,
-                target_source="input",
-                backward=backward,
-                **knobs,
-            )
-            return LayerWorkload(config, precision=precision)
-        if group is not None or self.remat_policy is not None:
-            raise ValueError(f"layer={self.layer!r} has no scan: drop checkpoint_group/policy")
-        return LayerWorkload(NPTMLPConfig(d_model=self.d_model, d_ff=d_ff, precision=precision))
+        if not family.recurrent:
+            if knobs.get("checkpoint_group") is not None or self.remat_policy is not None:
+                raise ValueError(f"layer={self.layer!r} has no scan: drop checkpoint_group/policy")
+            knobs = {}
+        if "mini_batch_size" in fields:
+            knobs.update(mini_batch_size=self.mini_batch)
+        if "chunk_size" in fields and self.chunk is not None:
+            knobs.update(chunk_size=self.chunk)
+        if "target_source" in fields:
+            knobs.update(target_source="input")  # the layer's input doubles as its targets X0
+        if "backward" in fields:
+            lean = self.layer == "inplace_ttt" and knobs.get("checkpoint_group") is not None
+            knobs.update(backward=self.backward or ("autodiff" if lean else "custom"))
+        options = None
+        if family.options is not None:
+            options = dataclasses.replace(OPTIONS[family.options](), **knobs)
+        return LayerWorkload(family.layer_config(shared, options))

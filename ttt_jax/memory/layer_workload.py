@@ -83,11 +83,11 @@ register_layer(
     InPlaceMLPConfig,
     LayerFamily(
         name="inplace",
-        build=lambda c, p, rngs: InPlaceMLP(c, precision=p, rngs=rngs),
+        build=lambda c, p, rngs: InPlaceMLP(c, rngs=rngs),
         # The layer's input doubles as the targets' source X0 (the embeddings in a model).
         apply=lambda m, x: _no_aux(m(x, x)),
         d_model=lambda c: c.d_model,
-        precision=lambda c: None,
+        precision=lambda c: c.precision,
         chunk=lambda c: c.chunk_size,
         scan_knobs=lambda c: c.ttt and c.backward == "autodiff" and c.prefix == "sequential",
     ),
@@ -122,7 +122,7 @@ register_layer(
     LayerFamily(
         name="lact",
         build=lambda c, p, rngs: LaCTLayer(c, rngs=rngs),
-        apply=lambda m, x: _no_aux(m(x)[0]),
+        apply=lambda m, x: _no_aux(m(x)),
         d_model=lambda c: c.d_model,
         precision=lambda c: c.precision,
         chunk=lambda c: c.chunk_size,
@@ -144,7 +144,7 @@ class LayerWorkload(Workload):
 
     Attributes:
       config: the layer config (`TTTConfig`, `LaCTConfig`, `InPlaceMLPConfig`, `NPTMLPConfig`, ...).
-      precision: for configs that do not carry their own (`InPlaceMLPConfig`).
+      precision: for configs of registered layers that do not carry their own.
     """
 
     config: Any

@@ -20,10 +20,7 @@ from flax import nnx
 from ttt_jax.memory.analysis import tree_bytes
 from ttt_jax.memory.layer_workload import GROUP_CANDIDATES
 from ttt_jax.memory.workload import Program, Remat, Workload, abstract_split
-from ttt_jax.models import LM, ModelConfig
-
-# Mixers and MLPs whose scan the checkpoint_group / inner_remat_policy knobs act on.
-RECURRENT = ("ttt_linear", "ttt_mlp", "lact", "inplace_ttt")
+from ttt_jax.models import FAMILIES, LM, ModelConfig
 
 
 def next_token_loss(model: LM, tokens: jax.Array) -> jax.Array:
@@ -46,8 +43,9 @@ class ModelWorkload(Workload):
     """An LM config with its training step.
 
     Attributes:
-      config: the `ModelConfig` (its `block_remat`, `checkpoint_group` and
-        `inner_remat_policy` are the remat settings).
+      config: the `ModelConfig`; its remat settings are `block_remat` and the
+        `checkpoint_group` / `remat_policy` options of its recurrent families (one setting for
+        all of them: `remat` raises if they differ, `with_remat` sets them all).
       loss: `(model, tokens [B, T]) -> scalar`; the next-token loss by default.
       optimizer: the optax transformation of the step; AdamW by default.
     """
@@ -57,23 +55,45 @@ class ModelWorkload(Workload):
     optimizer: optax.GradientTransformation = DEFAULT_OPTIMIZER
 
     @property
+    def scan_options(self) -> tuple[str, ...]:
+        """The option sections (`ModelConfig.ttt`, ...) of the recurrent layers in the pattern:
+        where the inner-scan knobs that act on this model live."""
+        names = {name for block in self.config.blocks for name in block}
+        return tuple(sorted({FAMILIES[n].options for n in names if FAMILIES[n].recurrent}))
+
+    @property
     def recurrent(self) -> bool:
         """Whether any block holds a layer the inner-scan knobs act on."""
-        return any(mx in RECURRENT or mlp in RECURRENT for mx, mlp in self.config.blocks)
+        return bool(self.scan_options)
 
     @property
     def remat(self) -> Remat:
         c = self.config
         block = None if c.block_remat == "none" else c.block_remat
-        return Remat(c.checkpoint_group, c.inner_remat_policy, block)
+        knobs = {}
+        for section in self.scan_options:
+            options = getattr(c, section)
+            knobs[section] = (options.checkpoint_group, options.remat_policy)
+        if len(set(knobs.values())) > 1:
+            got = ", ".join(f"{s}: {g}/{p}" for s, (g, p) in knobs.items())
+            raise ValueError(
+                "the memory tools take one inner-scan setting for the whole model, but the "
+                f"recurrent layers' checkpoint_group/remat_policy differ ({got})"
+            )
+        group, policy = next(iter(knobs.values()), (None, None))
+        return Remat(group, policy, block)
 
     def with_remat(self, remat: Remat) -> ModelWorkload:
-        config = dataclasses.replace(
-            self.config,
-            checkpoint_group=remat.checkpoint_group,
-            inner_remat_policy=remat.remat_policy,
-            block_remat=remat.block_remat or "none",
-        )
+        c = self.config
+        scans = {
+            s: dataclasses.replace(
+                getattr(c, s),
+                checkpoint_group=remat.checkpoint_group,
+                remat_policy=remat.remat_policy,
+            )
+            for s in self.scan_options
+        }
+        config = dataclasses.replace(c, block_remat=remat.block_remat or "none", **scans)
         return dataclasses.replace(self, config=config)
 
     def remat_candidates(self) -> list[Remat]:
@@ -95,15 +115,9 @@ class ModelWorkload(Workload):
 
     @property
     def seq_multiple(self) -> int:
-        c, sizes = self.config, [1]
-        for mixer, mlp in c.blocks:
-            if mixer in ("ttt_linear", "ttt_mlp"):
-                sizes.append(c.ttt_mini_batch)
-            if mixer == "lact":
-                sizes.append(c.lact_chunk)
-            if mlp == "inplace_ttt":
-                sizes.append(c.inplace_chunk)
-        return math.lcm(*sizes)
+        c = self.config
+        names = {name for block in c.blocks for name in block}
+        return math.lcm(1, *(FAMILIES[n].chunk(c.layer_config(n)) for n in names))
 
     def describe(self) -> str:
         c = self.config

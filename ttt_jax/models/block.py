@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.layers.common import ones, param, rms_norm
+from ttt_jax.layers.common import ones, param
 from ttt_jax.models.config import ModelConfig
 from ttt_jax.models.registry import MIXERS, MLPS
-from ttt_jax.ops.core import resolve_policy
+from ttt_jax.ops.core import resolve_policy, rms_norm
 
 NAMES = ("mixer_out", "mid_residual", "mlp_out")
 
@@ -41,9 +41,9 @@ class Block(nnx.Module):
         self.mlp_name = mlp
         pd = config.mixed_precision.param_dtype
         self.mixer_norm = param(rngs, ones, (config.d_model,), ("embed",), pd)
-        self.mixer = MIXERS[mixer].build(config, rngs)
+        self.mixer = MIXERS[mixer].layer(config.layer_config(mixer), rngs=rngs)
         self.mlp_norm = param(rngs, ones, (config.d_model,), ("embed",), pd)
-        self.mlp = MLPS[mlp].build(config, rngs)
+        self.mlp = MLPS[mlp].layer(config.layer_config(mlp), rngs=rngs)
 
     def __call__(
         self,
@@ -61,27 +61,22 @@ class Block(nnx.Module):
           segment_ids: `[B, T]` document ids or None.
 
         Returns:
-          `[B, T, d]` in the dtype of x, and the MLP's auxiliary loss (fp32 scalar).
+          `[B, T, d]` in the dtype of x, and the block's auxiliary loss (fp32 scalar).
         """
         c = self.config
         cd = c.mixed_precision.compute_dtype
-        m = MIXERS[self.mixer_name].call(
-            self.mixer,
-            rms_norm(x, self.mixer_norm[...], c.norm_eps).astype(cd),
-            positions,
-            segment_ids,
+        side = dict(positions=positions, segment_ids=segment_ids, embeddings=embeddings)
+        m, mixer_aux = MIXERS[self.mixer_name].call(
+            self.mixer, rms_norm(x, self.mixer_norm[...], c.norm_eps).astype(cd), **side
         )
         m = checkpoint_name(m.astype(cd), "mixer_out")
         h = checkpoint_name(x + m.astype(x.dtype), "mid_residual")
-        y, aux = MLPS[self.mlp_name].call(
-            self.mlp,
-            rms_norm(h, self.mlp_norm[...], c.norm_eps).astype(cd),
-            m,
-            embeddings,
-            segment_ids,
+        # `a`: the modulating signal of an NPT MLP is the mixer's output.
+        y, mlp_aux = MLPS[self.mlp_name].call(
+            self.mlp, rms_norm(h, self.mlp_norm[...], c.norm_eps).astype(cd), a=m, **side
         )
         y = checkpoint_name(y.astype(cd), "mlp_out")
-        return h + y.astype(x.dtype), aux
+        return h + y.astype(x.dtype), mixer_aux + mlp_aux
 
 
 def _apply(block: Block, x, embeddings, positions, segment_ids):

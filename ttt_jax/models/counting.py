@@ -16,7 +16,7 @@ from flax import nnx
 
 from ttt_jax.models.config import ModelConfig
 from ttt_jax.models.lm import LM
-from ttt_jax.models.registry import MIXERS, MLPS
+from ttt_jax.models.registry import FAMILIES
 
 
 def param_counts(config: ModelConfig) -> dict[str, int]:
@@ -37,7 +37,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, total_params: int | None 
         total_params = param_counts(config)["total"]
     lookup_only = 0 if config.tie_embeddings else config.vocab_size * config.d_model
     forward = 2.0 * (total_params - lookup_only)
-    for mixer, mlp in config.blocks:
-        forward += MIXERS[mixer].extra_flops(config, seq_len)
-        forward += MLPS[mlp].extra_flops(config, seq_len)
+    for block in config.blocks:
+        for name in block:
+            forward += FAMILIES[name].flops(config.layer_config(name), seq_len)
     return 3.0 * forward

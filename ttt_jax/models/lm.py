@@ -17,10 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ttt_jax.layers.common import normal, ones, param, rms_norm
+from ttt_jax.layers.common import normal, ones, param
 from ttt_jax.models.block import BlockGroup
 from ttt_jax.models.config import ModelConfig
-from ttt_jax.ops.core import check_shapes
+from ttt_jax.ops.core import check_shapes, matmul, rms_norm
 
 # Mesh axes a batch is split over (`train.sharding` builds its meshes and batches from these).
 BATCH_AXES = ("data", "fsdp")
@@ -115,11 +115,7 @@ class LM(nnx.Module):
         (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), stacked)
         x = constrain_batch(rms_norm(x, self.final_norm[...], c.norm_eps).astype(cd))
         if c.tie_embeddings:
-            logits = jnp.einsum(
-                "btd,vd->btv", x, self.embed[...].astype(cd), preferred_element_type=jnp.float32
-            )
+            logits = matmul("btd,vd->btv", x, self.embed[...], cd)
         else:
-            logits = jnp.einsum(
-                "btd,dv->btv", x, self.head[...].astype(cd), preferred_element_type=jnp.float32
-            )
+            logits = matmul("btd,dv->btv", x, self.head[...], cd)
         return logits, aux

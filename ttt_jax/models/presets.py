@@ -10,16 +10,18 @@
 
 `lact-760m` is the LaCT paper's 760M shape (every block a LaCT layer: sliding-window attention
 over 2048 tokens plus SwiGLU fast weights updated every 2048 tokens, with momentum and Muon).
+Unlike the layer preset `LaCTConfig.preset("760m")` it has no learnable output scale; it is one
+option away (`lact=LaCTOptions(..., learnable_scale=True)`, `--model.lact.learnable-scale`).
 
-`tiny` computes in fp32 with the TTT scan not unrolled (what is fastest on a CPU); the others
-use the bf16 policy (fp32 params and fast-weight state, bf16 compute), TTT checkpoint groups of
-4 chunks and unroll 4 (the fastest measured on an H100, `TTTConfig`), and block remat
-`dots_no_batch` (each block keeps its weight-stationary matmul outputs and recomputes the rest):
-on an H100 the 125m TTT model's training step then peaks at 1.00x the attention-only model's
-(6.54 vs 6.52 GB at T=8192) where without block remat it needed 1.21x (12.43 vs 10.27 GB;
-benchmarks/RESULTS.md). `lact-760m` instead defaults to `full` block remat: on two H200s
-(FSDP, one 32768-token sequence per GPU) `dots_no_batch` peaked at 60.9 GiB per GPU against 18.9
-GiB for `full`, for a step only 1.5% faster (1.615 vs 1.640 s).
+`tiny` computes in fp32 with the TTT scan not unrolled and not rematerialised (what is fastest on a
+CPU); the others use the bf16 policy (fp32 params and fast-weight state, bf16 compute), TTT
+checkpoint groups of 4 chunks and unroll 4 (the fastest measured on an H100, `TTTConfig`'s
+defaults), and block remat `dots_no_batch` (each block keeps its weight-stationary matmul outputs
+and recomputes the rest): on an H100 the 125m TTT model's training step then peaks at 1.00x the
+attention-only model's (6.54 vs 6.52 GB at T=8192) where without block remat it needed 1.21x (12.43
+vs 10.27 GB; benchmarks/RESULTS.md). `lact-760m` instead defaults to `full` block remat: on two
+H200s (FSDP, one 32768-token sequence per GPU) `dots_no_batch` peaked at 60.9 GiB per GPU against
+18.9 GiB for `full`, for a step only 1.5% faster (1.615 vs 1.640 s).
 
 So in every preset TTT-Linear replaces attention in every other block (blocks 1, 3, 5, ...),
 with attention in the others. `NAME-attn` is the same model with attention in all blocks, the
@@ -33,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 
 from ttt_jax.models.config import ModelConfig
+from ttt_jax.models.options import LaCTOptions, TTTOptions
 
 TTT_EVERY_OTHER = ("attention/swiglu", "ttt_linear/swiglu")
 ATTENTION_ONLY = ("attention/swiglu",)
@@ -45,7 +48,7 @@ _BASE = {
         num_heads=4,
         d_ff=384,
         pattern=TTT_EVERY_OTHER,
-        ttt_unroll=1,
+        ttt=TTTOptions(checkpoint_group=None, unroll=1),
         precision="fp32",
     ),
     "125m": ModelConfig(
@@ -55,7 +58,7 @@ _BASE = {
         num_heads=12,
         d_ff=2048,
         pattern=TTT_EVERY_OTHER,
-        checkpoint_group=4,
+        ttt=TTTOptions(checkpoint_group=4),
         block_remat="dots_no_batch",
     ),
     "350m": ModelConfig(
@@ -65,7 +68,7 @@ _BASE = {
         num_heads=16,
         d_ff=2736,
         pattern=TTT_EVERY_OTHER,
-        checkpoint_group=4,
+        ttt=TTTOptions(checkpoint_group=4),
         block_remat="dots_no_batch",
     ),
     "760m": ModelConfig(
@@ -75,7 +78,7 @@ _BASE = {
         num_heads=16,
         d_ff=4096,
         pattern=TTT_EVERY_OTHER,
-        checkpoint_group=4,
+        ttt=TTTOptions(checkpoint_group=4),
         block_remat="dots_no_batch",
     ),
     "lact-760m": ModelConfig(
@@ -85,9 +88,7 @@ _BASE = {
         num_heads=24,
         d_ff=4096,
         pattern=("lact/swiglu",),
-        lact_heads=4,
-        lact_rank=32,
-        lact_muon=True,
+        lact=LaCTOptions(num_fw_heads=4, rank=32, use_muon=True),
         block_remat="full",
     ),
 }

@@ -1,75 +1,113 @@
-"""The mixers and MLPs a block can hold, by name. Adding a layer family is one entry here.
+"""The layer families a block can hold, by name: the one description of each family.
 
-A mixer entry builds the layer from the `ModelConfig` and calls it as
-`call(layer, x, positions, segment_ids) -> y` (`x, y: [B, T, d]`). An MLP entry's call is
-`call(layer, h, mixer_out, embeddings, segment_ids) -> (y, aux)` with an fp32 scalar auxiliary
-loss (0 for all but NPT with a regulariser).
+A `Family` entry says everything the model, the memory tools and the trainer need to know:
+
+- `layer`, `layer_config`, `options`: the NNX class, and how its config is made from what the
+  model shares with every layer (`Shared`) and the family's options (the `ModelConfig` section
+  named by `options`: `ttt`, `lact`, `inplace` or `npt`);
+- `inputs`, `aux`: the side inputs its call takes and whether it returns an auxiliary loss
+  (the layer interface of `ttt_jax.layers`), so that `Family.call` calls any of them;
+- `recurrent`: it runs a chunk scan, which its options' `checkpoint_group` / `remat_policy`
+  act on; `chunk_field`: the layer-config field holding its tokens per fast-weight update;
+- `resets_at_segments`, `fast_weights`, `flops` (below).
 
 Document boundaries (`segment_ids`): attention masks across segments and In-Place TTT restarts
 its chunks and fast weight at each segment. TTT-Linear / TTT-MLP and LaCT do NOT reset: their
-fast weights flow from one packed document into the next (the ops have no segment input yet;
-the original TTT training packs documents the same way). LaCT's window attention and RoPE also
-run over the packed row as one sequence (positions from 0 at the row start).
-`resets_at_segments` records this per entry so the model and its users can tell.
+fast weights flow from one packed document into the next (the original TTT training packs
+documents the same way). LaCT's window attention and RoPE also run over the packed row as one
+sequence (positions from 0 at the row start). `resets_at_segments` records this per family.
 
 `fast_weights` names the parameters that are a fast weight's initial value (the optimizer
 exempts them from weight decay: decaying them would pull the inner model's start towards 0,
-which the inner loop then has to undo every sequence).
+which the inner loop then has to undo every sequence). In-Place TTT's fast weight starts at the
+MLP's own down projection, an ordinary (decayed) MLP weight.
 
-`extra_flops(config, seq_len)` estimates a layer's forward FLOPs per token beyond the
+`flops(layer_config, seq_len)` estimates a layer's forward FLOPs per token beyond the
 `2 * params` of its projections (attention scores, TTT inner steps); `ttt_jax.models.counting`
 sums them for MFU.
+
+Adding a family: its layer and config in `ttt_jax.layers`, its options class in
+`ttt_jax.models.options` with a field of `ModelConfig`, and one entry here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.attention import Attention, AttentionConfig
 from ttt_jax.layers.inplace_mlp import InPlaceMLP, InPlaceMLPConfig
+from ttt_jax.layers.lact import LaCTConfig, LaCTLayer
+from ttt_jax.layers.mlp import SwiGLU, SwiGLUConfig
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
 from ttt_jax.layers.ttt_layer import TTTConfig, TTTLayer
+from ttt_jax.models.options import InPlaceOptions, LaCTOptions, NPTOptions, Shared, TTTOptions
 
-if TYPE_CHECKING:
-    from ttt_jax.models.config import ModelConfig
+
+def _no_flops(config: Any, seq_len: int) -> float:
+    del config, seq_len
+    return 0.0
 
 
 @dataclasses.dataclass(frozen=True)
-class MixerEntry:
-    build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]
-    call: Callable[..., Any]
-    resets_at_segments: bool
-    extra_flops: Callable[[ModelConfig, int], float]
+class Family:
+    """One layer family as a block part (module docstring).
+
+    Attributes:
+      layer: the NNX class, built as `layer(config, rngs=rngs)`.
+      layer_config: `(Shared, options) -> config` (options None for a family without any).
+      options: the `ModelConfig` field holding the family's options, or None.
+      inputs: the block's side inputs the call takes, by keyword (`positions`, `segment_ids`,
+        `embeddings`, `a`: the mixer's output, NPT's modulating signal).
+      aux: the call returns `(y, aux)`, an fp32 scalar auxiliary loss, rather than `y`.
+      recurrent: the layer runs a chunk scan that `checkpoint_group` / `remat_policy` act on.
+      chunk_field: the layer-config field with the tokens per fast-weight update (None: 1).
+      resets_at_segments: a packed document gets the outputs it would get alone.
+      fast_weights: parameter names that are a fast weight's initial value.
+      flops: `(layer config, seq_len) -> forward FLOPs per token beyond 2 * params`.
+    """
+
+    layer: type[nnx.Module]
+    layer_config: Callable[[Shared, Any], Any]
+    options: str | None = None
+    inputs: tuple[str, ...] = ()
+    aux: bool = False
+    recurrent: bool = False
+    chunk_field: str | None = None
+    resets_at_segments: bool = True
     fast_weights: tuple[str, ...] = ()
+    flops: Callable[[Any, int], float] = _no_flops
+
+    def call(self, layer: nnx.Module, x: jax.Array, **inputs) -> tuple[jax.Array, jax.Array]:
+        """`(y, aux)` of the layer on `x: [B, T, d]`, given the block's side inputs by name
+        (those the family does not take are not passed); aux is 0 unless the layer has one."""
+        out = layer(x, **{name: inputs[name] for name in self.inputs})
+        return out if self.aux else (out, jnp.zeros((), jnp.float32))
+
+    def chunk(self, config: Any) -> int:
+        """Tokens per fast-weight update of a layer config of this family (1: none)."""
+        return 1 if self.chunk_field is None else getattr(config, self.chunk_field)
 
 
-@dataclasses.dataclass(frozen=True)
-class MLPEntry:
-    build: Callable[[ModelConfig, nnx.Rngs], nnx.Module]
-    call: Callable[..., Any]
-    resets_at_segments: bool
-    extra_flops: Callable[[ModelConfig, int], float] = lambda c, t: 0.0
-
-
-def _attention(c: ModelConfig, rngs: nnx.Rngs) -> Attention:
-    cfg = AttentionConfig(
-        d_model=c.d_model,
-        num_heads=c.num_heads,
-        head_dim=c.head_dim,
-        window=c.window,
-        rope_theta=c.rope_theta,
-        implementation=c.attention_impl,
-        precision=c.mixed_precision,
+def _attention(s: Shared, options: None) -> AttentionConfig:
+    del options
+    return AttentionConfig(
+        d_model=s.d_model,
+        num_heads=s.num_heads,
+        head_dim=s.d_model // s.num_heads,
+        window=s.window,
+        rope_theta=s.rope_theta,
+        implementation=s.attention_impl,
+        precision=s.precision,
     )
-    return Attention(cfg, rngs=rngs)
 
 
-def _attention_flops(c: ModelConfig, t: int) -> float:
+def _attention_flops(c: AttentionConfig, t: int) -> float:
     # q k^T and p v: 2 matmuls of 2 * keys * d FLOPs; a causal query sees (t + 1) / 2 keys on
     # average, a windowed one at most `window`.
     keys = (t + 1) / 2 if c.window is None else min(c.window, (t + 1) / 2)
@@ -77,148 +115,125 @@ def _attention_flops(c: ModelConfig, t: int) -> float:
 
 
 def _ttt(inner: str):
-    def build(c: ModelConfig, rngs: nnx.Rngs) -> TTTLayer:
-        cfg = TTTConfig(
-            d_model=c.d_model,
-            num_heads=c.num_heads,
+    def config(s: Shared, o: TTTOptions) -> TTTConfig:
+        return TTTConfig(
+            d_model=s.d_model,
+            num_heads=s.num_heads,
             inner=inner,
-            mini_batch_size=c.ttt_mini_batch,
-            base_lr=c.ttt_base_lr,
-            backbone=c.ttt_backbone,
-            unroll=c.ttt_unroll,
-            checkpoint_group=c.checkpoint_group,
-            remat_policy=c.inner_remat_policy,
-            precision=c.mixed_precision,
+            precision=s.precision,
+            **dataclasses.asdict(o),
         )
-        return TTTLayer(cfg, rngs=rngs)
 
-    return build
-
-
-def _ttt_flops(inner: str):
-    def flops(c: ModelConfig, t: int) -> float:
-        d, h, mb = c.head_dim, c.num_heads, c.ttt_mini_batch
-        # The inner model runs forward on k, backward for the gradient, and forward on q: about
-        # 3 passes of its 2 * (inner params) FLOPs; the dual form's in-chunk q k^T and E G terms
-        # add 2 * 2 * C * D per token.
-        inner_params = d * d if inner == "linear" else 2 * d * 4 * d
-        return h * (3 * 2 * inner_params + 4 * mb * d)
-
-    return flops
+    return config
 
 
-def _lact(c: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    # Imported here: the LaCT layer is optional for models that do not use it (and it lands in
-    # its own module, so a checkout without it still builds every other block).
-    from ttt_jax.layers.lact import LaCTConfig, LaCTLayer
+def _ttt_flops(c: TTTConfig, t: int) -> float:
+    # The inner model runs forward on k, backward for the gradient, and forward on q: about
+    # 3 passes of its 2 * (inner params) FLOPs; the dual form's in-chunk q k^T and E G terms
+    # add 2 * 2 * C * D per token.
+    d = c.head_dim
+    inner_params = d * d if c.inner == "linear" else 2 * d * c.mlp_ratio * d
+    return c.num_heads * (3 * 2 * inner_params + 4 * c.mini_batch_size * d)
 
-    heads = c.lact_heads or c.num_heads
-    cfg = LaCTConfig(
-        d_model=c.d_model,
-        num_heads=c.num_heads,
-        num_fw_heads=heads,
-        window=c.lact_window,
-        chunk_size=c.lact_chunk,
-        rank=min(c.lact_rank, c.d_model // heads),
-        use_muon=c.lact_muon,
-        muon_dtype=c.lact_muon_dtype,
-        rope_theta=c.rope_theta,
-        attention_impl=c.attention_impl,
-        precision=c.mixed_precision,
-        checkpoint_group=c.checkpoint_group,
-        remat_policy=c.inner_remat_policy,
+
+def _lact(s: Shared, o: LaCTOptions) -> LaCTConfig:
+    heads = s.num_heads if o.num_fw_heads is None else o.num_fw_heads
+    rank = o.rank
+    if isinstance(rank, int) and isinstance(heads, int) and heads > 0:
+        # Capped at the fast weight's widths (LaCTOptions); LaCTConfig checks everything else.
+        width = s.d_model // heads
+        rank = min(rank, width if o.fw_hidden is None else min(o.fw_hidden, width))
+    fields = dict(dataclasses.asdict(o), num_fw_heads=heads, rank=rank)
+    return LaCTConfig(
+        d_model=s.d_model,
+        num_heads=s.num_heads,
+        rope_theta=s.rope_theta,
+        attention_impl=s.attention_impl,
+        precision=s.precision,
+        **fields,
     )
-    return LaCTLayer(cfg, rngs=rngs)
 
 
-def _lact_flops(c: ModelConfig, t: int) -> float:
+def _lact_flops(c: LaCTConfig, t: int) -> float:
     # The window attention branch, plus per token: the SwiGLU fast weight's apply on q
     # (3 matmuls of 2 * D * D) and its gradient terms on k (about 2 passes more), per head.
-    d = c.d_model // (c.lact_heads or c.num_heads)
-    heads = c.lact_heads or c.num_heads
-    window = min(c.lact_window, (t + 1) / 2)
-    return 4.0 * window * c.d_model + heads * 3 * 3 * 2 * d * d
+    d = c.fw_head_dim
+    window = min(c.window, (t + 1) / 2)
+    return 4.0 * window * c.d_model + c.num_fw_heads * 3 * 3 * 2 * d * d
 
 
-def _call_plain(layer, x, positions, segment_ids):
-    del positions, segment_ids
-    return layer(x)
+def _swiglu(s: Shared, options: None) -> SwiGLUConfig:
+    del options
+    return SwiGLUConfig(d_model=s.d_model, d_ff=s.d_ff, precision=s.precision)
 
 
-def _call_first(layer, x, positions, segment_ids):
-    del positions, segment_ids
-    return layer(x)[0]
-
-
-def _call_attention(layer, x, positions, segment_ids):
-    return layer(x, positions=positions, segment_ids=segment_ids)
-
-
-def _swiglu(c: ModelConfig, rngs: nnx.Rngs) -> NPTMLP:
-    # The NPT MLP without modulation is exactly the plain SwiGLU MLP (one implementation).
-    cfg = NPTMLPConfig(
-        d_model=c.d_model, d_ff=c.d_ff, modulation="none", precision=c.mixed_precision
+def _inplace(s: Shared, o: InPlaceOptions) -> InPlaceMLPConfig:
+    return InPlaceMLPConfig(
+        d_model=s.d_model, d_ff=s.d_ff, precision=s.precision, **dataclasses.asdict(o)
     )
-    return NPTMLP(cfg, rngs=rngs)
 
 
-def _npt(c: ModelConfig, rngs: nnx.Rngs) -> NPTMLP:
-    cfg = NPTMLPConfig(d_model=c.d_model, d_ff=c.d_ff, rank=c.npt_rank, precision=c.mixed_precision)
-    return NPTMLP(cfg, rngs=rngs)
-
-
-def _inplace(c: ModelConfig, rngs: nnx.Rngs) -> InPlaceMLP:
-    cfg = InPlaceMLPConfig(
-        d_model=c.d_model,
-        d_ff=c.d_ff,
-        chunk_size=c.inplace_chunk,
-        target_source=c.inplace_target,
-        checkpoint_group=c.checkpoint_group,
-        remat_policy=c.inner_remat_policy,
-    )
-    return InPlaceMLP(cfg, precision=c.mixed_precision, rngs=rngs)
-
-
-def _call_swiglu(layer, h, mixer_out, embeddings, segment_ids):
-    del mixer_out, embeddings, segment_ids
-    return layer(h)
-
-
-def _call_npt(layer, h, mixer_out, embeddings, segment_ids):
-    del embeddings, segment_ids
-    return layer(h, mixer_out)
-
-
-def _call_inplace(layer, h, mixer_out, embeddings, segment_ids):
-    del mixer_out
-    return layer(h, embeddings, segment_ids=segment_ids), jnp.zeros((), jnp.float32)
-
-
-def _inplace_flops(c: ModelConfig, t: int) -> float:
+def _inplace_flops(c: InPlaceMLPConfig, t: int) -> float:
     # Delta = V^T Z per chunk and the prefix read Z S^T: 2 * 2 * d * F per token, plus the
     # target projection (d * d, in the params count already).
     return 4.0 * c.d_model * c.d_ff
 
 
-MIXERS: dict[str, MixerEntry] = {
-    "attention": MixerEntry(_attention, _call_attention, True, _attention_flops),
-    "ttt_linear": MixerEntry(
-        _ttt("linear"), _call_plain, False, _ttt_flops("linear"), ("W1", "b1")
+def _npt(s: Shared, o: NPTOptions) -> NPTMLPConfig:
+    return NPTMLPConfig(
+        d_model=s.d_model, d_ff=s.d_ff, precision=s.precision, **dataclasses.asdict(o)
+    )
+
+
+MIXERS: dict[str, Family] = {
+    "attention": Family(
+        Attention, _attention, inputs=("positions", "segment_ids"), flops=_attention_flops
     ),
-    "ttt_mlp": MixerEntry(
-        _ttt("mlp"), _call_plain, False, _ttt_flops("mlp"), ("W1", "b1", "W2", "b2")
+    "ttt_linear": Family(
+        TTTLayer,
+        _ttt("linear"),
+        options="ttt",
+        recurrent=True,
+        chunk_field="mini_batch_size",
+        resets_at_segments=False,
+        fast_weights=("W1", "b1"),
+        flops=_ttt_flops,
     ),
-    "lact": MixerEntry(
+    "ttt_mlp": Family(
+        TTTLayer,
+        _ttt("mlp"),
+        options="ttt",
+        recurrent=True,
+        chunk_field="mini_batch_size",
+        resets_at_segments=False,
+        fast_weights=("W1", "b1", "W2", "b2"),
+        flops=_ttt_flops,
+    ),
+    "lact": Family(
+        LaCTLayer,
         _lact,
-        _call_first,
-        False,
-        _lact_flops,
-        ("w0", "w1", "w2", "w0_left", "w0_right", "w2_left", "w2_right"),
+        options="lact",
+        recurrent=True,
+        chunk_field="chunk_size",
+        resets_at_segments=False,
+        fast_weights=("w0", "w1", "w2", "w0_left", "w0_right", "w2_left", "w2_right"),
+        flops=_lact_flops,
     ),
 }
 
-MLPS: dict[str, MLPEntry] = {
-    "swiglu": MLPEntry(_swiglu, _call_swiglu, True),
-    "inplace_ttt": MLPEntry(_inplace, _call_inplace, True, _inplace_flops),
-    "npt": MLPEntry(_npt, _call_npt, True),
+MLPS: dict[str, Family] = {
+    "swiglu": Family(SwiGLU, _swiglu),
+    "inplace_ttt": Family(
+        InPlaceMLP,
+        _inplace,
+        options="inplace",
+        inputs=("embeddings", "segment_ids"),
+        recurrent=True,
+        chunk_field="chunk_size",
+        flops=_inplace_flops,
+    ),
+    "npt": Family(NPTMLP, _npt, options="npt", inputs=("a",), aux=True),
 }
+
+# Every family by name (mixer and MLP names do not collide).
+FAMILIES: dict[str, Family] = {**MIXERS, **MLPS}

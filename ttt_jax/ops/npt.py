@@ -20,10 +20,9 @@ NPT ops have no state (SPEC 2) and return the output alone.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from ttt_jax.ops.core.checks import check_float, check_shapes
-from ttt_jax.ops.core.numerics import matmul
+from ttt_jax.ops.core.numerics import matmul, wide_dtype
 
 
 def _add_rounded(base: jax.Array, low: jax.Array, cd) -> jax.Array:
@@ -47,7 +46,7 @@ def npt_modulated_linear(
       h: `[B, S, d]` inputs; their dtype is the compute dtype of every matmul (bf16 or fp32),
         accumulation is fp32.
       m: `[B, S, r]` per-token modulation (`s * tanh(a_t A_m)` in the NPT layer); applied in
-        fp32 to the fp32 rank-r projection `h A`.
+        fp32 (fp64 when h or m is fp64) to the rank-r projection `h A`.
       W: `[d, F]` the static weight.
       A: `[d, r]` left low-rank factor.
       B: `[r, F]` right low-rank factor.
@@ -71,9 +70,10 @@ def npt_modulated_linear(
     check_float(h=h, m=m, W=W, A=A, B=B)
     cd = h.dtype
     base = matmul("bsd,df->bsf", h, W, cd)
-    # h A is only r wide: keep it and the modulation in fp32; only the F-wide matmul with B
-    # goes back to the compute dtype, where it runs at the speed of the dense one.
-    low = matmul("bsd,dr->bsr", h, A, cd) * m.astype(jnp.float32)
+    # h A is only r wide: keep it and the modulation in fp32 (fp64 for fp64 operands); only
+    # the F-wide matmul with B goes back to the compute dtype, where it runs at the speed of
+    # the dense one.
+    low = matmul("bsd,dr->bsr", h, A, cd) * m.astype(wide_dtype(cd, m.dtype))
     return _add_rounded(base, matmul("bsr,rf->bsf", low, B, cd), cd)
 
 
@@ -148,10 +148,12 @@ def npt_generated_rank_k_linear(
     cd = h.dtype
     r, k = W_u.shape[:2]
     base = matmul("bsd,df->bsf", h, W, cd)
-    g32 = g.astype(jnp.float32)
+    wd = wide_dtype(cd, g.dtype)
+    gw = g.astype(wd)
     proj = matmul("bsd,ikd->bsik", h, W_u, cd)  # [B, S, r, k]: h_t . W_u[i, k]
-    # r * k numbers per token: fp32 (HIGHEST, so GPUs do not drop to TF32) costs nothing.
-    coef = matmul("bsi,bsik->bsk", g32, proj, jnp.float32)
-    outer = (g32[..., :, None] * coef[..., None, :]).reshape(*g.shape[:2], r * k)
+    # r * k numbers per token: fp32 (HIGHEST, so GPUs do not drop to TF32; fp64 for fp64
+    # operands) costs nothing.
+    coef = matmul("bsi,bsik->bsk", gw, proj, wd)
+    outer = (gw[..., :, None] * coef[..., None, :]).reshape(*g.shape[:2], r * k)
     low = matmul("bsj,jf->bsf", outer, W_w.reshape(r * k, W_w.shape[-1]), cd)
     return _add_rounded(base, low, cd)

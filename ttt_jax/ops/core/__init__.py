@@ -2,7 +2,34 @@
 policies, argument checks and the numerics vocabulary. No family imports another family; they
 all import from here."""
 
+# isort: skip_file
+# (The banners group the index by topic; isort would sort the imports across them.)
+
 # --- the chunked scan and its memory knobs
+from ttt_jax.ops.core.scan import check_scan_knobs, chunked_scan
+from ttt_jax.ops.core.chunking import merge_time, split_time
+from ttt_jax.ops.core.remat import POLICY_NAMES, resolve_policy
+
+# --- numerics: accumulation dtype, matmul, norms, GELU
+from ttt_jax.ops.core.numerics import (
+    gelu_tanh,
+    gelu_tanh_grad,
+    layer_norm,
+    matmul,
+    rms_norm,
+    wide_dtype,
+)
+
+# --- packed documents (`segment_ids`): where each token goes when chunks restart per document
+from ttt_jax.ops.core.segments import (
+    DocSpans,
+    SlotLayout,
+    doc_spans,
+    gather_time,
+    scatter_time,
+    slot_layout,
+)
+
 # --- argument checks (ValueErrors that name the argument, before tracing)
 from ttt_jax.ops.core.checks import (
     BACKWARDS,
@@ -13,29 +40,35 @@ from ttt_jax.ops.core.checks import (
     check_positive_int,
     check_shapes,
 )
-from ttt_jax.ops.core.chunking import merge_time, split_time
-
-# --- numerics: accumulation dtype, matmul, GELU
-from ttt_jax.ops.core.numerics import gelu_tanh, gelu_tanh_grad, matmul, wide_dtype
-from ttt_jax.ops.core.remat import POLICY_NAMES, resolve_policy
-from ttt_jax.ops.core.scan import check_scan_knobs, chunked_scan
 
 __all__ = [
-    "BACKWARDS",
+    # the chunked scan and its memory knobs
     "POLICY_NAMES",
+    "check_scan_knobs",
+    "chunked_scan",
+    "merge_time",
+    "resolve_policy",
+    "split_time",
+    # numerics
+    "gelu_tanh",
+    "gelu_tanh_grad",
+    "layer_norm",
+    "matmul",
+    "rms_norm",
+    "wide_dtype",
+    # packed documents
+    "DocSpans",
+    "SlotLayout",
+    "doc_spans",
+    "gather_time",
+    "scatter_time",
+    "slot_layout",
+    # argument checks
+    "BACKWARDS",
     "check_choice",
     "check_float",
     "check_float_dtype",
     "check_optional_positive_int",
     "check_positive_int",
-    "check_scan_knobs",
     "check_shapes",
-    "chunked_scan",
-    "gelu_tanh",
-    "gelu_tanh_grad",
-    "matmul",
-    "merge_time",
-    "resolve_policy",
-    "split_time",
-    "wide_dtype",
 ]

@@ -11,8 +11,8 @@ Per sample, with the MLP hidden activations `Z` (`[T, F]`) cut into chunks of C 
 The per-chunk weights `W_down + eta S_i` (`[B, n_chunks, d, F]`, what the official code
 materialises) are never formed: one state is carried through a scan (`inplace_prefix.py`: the
 math and the plain forms) and the custom backward carries one running sum in reverse
-(`inplace_vjp.py`). Packed documents (`segment_ids`) are laid out by `inplace_segments.py`, the
-targets computed by `inplace_targets.py`.
+(`inplace_vjp.py`). Packed documents (`segment_ids`) are laid out by
+`ttt_jax.ops.core.segments`, the targets computed by `inplace_targets.py`.
 
 Two forms of the state inside the op, for speed:
 
@@ -42,8 +42,8 @@ from ttt_jax.ops.core.checks import (
     check_shapes,
 )
 from ttt_jax.ops.core.scan import check_scan_knobs
+from ttt_jax.ops.core.segments import gather_time, slot_layout
 from ttt_jax.ops.inplace.prefix import PREFIXES, PrefixConfig
-from ttt_jax.ops.inplace.segments import gather_time, slot_layout
 from ttt_jax.ops.inplace.targets import CONV_KERNEL_SIZES, chunk_targets
 from ttt_jax.ops.inplace.vjp import fast_weight_reads
 

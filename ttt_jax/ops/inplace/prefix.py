@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.core.numerics import matmul
+from ttt_jax.ops.core.numerics import matmul, wide_dtype
 from ttt_jax.ops.core.scan import chunked_scan
 
 PREFIXES = ("sequential", "associative")
@@ -93,7 +93,8 @@ def slot_update(x, eta, zd, v, keep, cfg, tag=False):
     if keep is not None:
         x = x * keep[:, None, None].astype(x.dtype)
     if cfg.clip_tau is None:
-        delta = matmul("bcd,bcf->bdf", eta * v.astype(jnp.float32), zd, cfg.compute_dtype)
+        ev = eta * v.astype(wide_dtype(v.dtype, eta.dtype))
+        delta = matmul("bcd,bcf->bdf", ev, zd, cfg.compute_dtype)
     else:
         delta = eta * slot_delta(zd, v, cfg)
     if tag:
@@ -115,7 +116,7 @@ def add_at(buf: jax.Array, idx: jax.Array | None, start, value: jax.Array) -> ja
     """
     if idx is None:
         old = lax.dynamic_slice_in_dim(buf, start, value.shape[1], axis=1)
-        new = (old.astype(jnp.float32) + value).astype(buf.dtype)
+        new = (old.astype(wide_dtype(buf.dtype, value.dtype)) + value).astype(buf.dtype)
         return lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
     rows = jnp.arange(buf.shape[0])[:, None]
     return buf.at[rows, idx].add(value.astype(buf.dtype), mode="drop")
@@ -137,10 +138,12 @@ def last_rows(z: jax.Array, last_idx: jax.Array | None, n: int, c: int) -> tuple
 
 
 def base_term(z: jax.Array, w_base: jax.Array | None, d: int, cfg: PrefixConfig) -> jax.Array:
-    """`Z W_base^T` (`[B, T, d]`, fp32), zeros without a base."""
+    """`Z W_base^T` (`[B, T, d]`, fp32; fp64 when the compute or the state dtype is), zeros
+    without a base: the buffer every read is added into."""
+    acc = wide_dtype(cfg.compute_dtype, cfg.state_dtype)
     if w_base is None:
-        return jnp.zeros((z.shape[0], z.shape[1], d), jnp.float32)
-    return matmul("btf,df->btd", z, w_base, cfg.compute_dtype)
+        return jnp.zeros((z.shape[0], z.shape[1], d), acc)
+    return matmul("btf,df->btd", z, w_base, cfg.compute_dtype).astype(acc)
 
 
 def _gathered(z, idx, n, c):

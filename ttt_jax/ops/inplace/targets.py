@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.core.numerics import matmul
+from ttt_jax.ops.core.numerics import matmul, wide_dtype
 
 # Conv taps per mode: "centered" is the official kernel-5 conv (padding 2); "causal_next" sees
 # the token and the next one.
@@ -35,30 +35,35 @@ def _shifted(x: jax.Array, s: int) -> jax.Array:
     c = x.shape[-2]
     if s == 0:
         return x
+    if abs(s) >= c:  # every tap lands outside a chunk this short (C = 1 with kernel 5)
+        return jnp.zeros_like(x)
     keep = x[..., s:, :] if s > 0 else x[..., : c + s, :]
     edge = [(0, s)] if s > 0 else [(-s, 0)]
     return jnp.pad(keep, [(0, 0)] * (x.ndim - 2) + edge + [(0, 0)])
 
 
 def _shift_sum(x: jax.Array, taps: jax.Array, left: int) -> jax.Array:
-    """`y[t] = sum_j taps[j] * x[t + j - left]` along axis -2, zero outside (fp32).
+    """`y[t] = sum_j taps[j] * x[t + j - left]` along axis -2, zero outside, in fp32 (fp64 when
+    x or the taps are fp64).
 
     Written as a sum of padded slices (not slices of one padded copy) so that XLA fuses it
     into a single pass with no activation-sized temporary.
     """
-    x = x.astype(jnp.float32)
+    wd = wide_dtype(x.dtype, taps.dtype)
+    x, taps = x.astype(wd), taps.astype(wd)
     taps = taps.reshape((taps.shape[0],) + (1,) * (x.ndim - 1) + (taps.shape[1],))
     return sum(taps[j] * _shifted(x, j - left) for j in range(taps.shape[0]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def chunk_conv(x: jax.Array, kernel: jax.Array, left: int) -> jax.Array:
-    """Depthwise conv within chunks: `x: [..., C, d]`, `kernel: [K, d]` -> fp32 `[..., C, d]`,
-    `y[t] = sum_j kernel[j] * x[t + j - left]`, zero outside the chunk.
+    """Depthwise conv within chunks: `x: [..., C, d]`, `kernel: [K, d]` -> `[..., C, d]`,
+    `y[t] = sum_j kernel[j] * x[t + j - left]`, zero outside the chunk; fp32 (fp64 for fp64
+    operands).
 
     The custom VJP is explained in the module docstring.
     """
-    return _shift_sum(x, kernel.astype(jnp.float32), left)
+    return _shift_sum(x, kernel, left)
 
 
 def _chunk_conv_fwd(x, kernel, left):
@@ -68,7 +73,8 @@ def _chunk_conv_fwd(x, kernel, left):
 def _chunk_conv_bwd(left, res, g):
     x, kernel = res
     k = kernel.shape[0]
-    taps = kernel.astype(jnp.float32)
+    wd = wide_dtype(x.dtype, kernel.dtype)
+    taps = kernel.astype(wd)
     dx = _shift_sum(g, taps[::-1], k - 1 - left)
     # The tap gradients reduce shifted copies of x against g; one chunk at a time so that the
     # shifted copies are chunk-sized, not activation-sized.
@@ -76,11 +82,11 @@ def _chunk_conv_bwd(left, res, g):
     gs = g.reshape(-1, *g.shape[-2:])
 
     def chunk_taps(dk, i):
-        x_i = lax.dynamic_index_in_dim(xs, i, keepdims=False).astype(jnp.float32)
+        x_i = lax.dynamic_index_in_dim(xs, i, keepdims=False).astype(wd)
         g_i = lax.dynamic_index_in_dim(gs, i, keepdims=False)
         return dk + jnp.stack([jnp.sum(g_i * _shifted(x_i, j - left), 0) for j in range(k)]), None
 
-    dk, _ = lax.scan(chunk_taps, jnp.zeros(kernel.shape, jnp.float32), jnp.arange(xs.shape[0]))
+    dk, _ = lax.scan(chunk_taps, jnp.zeros(kernel.shape, wd), jnp.arange(xs.shape[0]))
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -110,11 +116,12 @@ def chunk_targets(
     Returns:
       `[..., C, d]` in the compute dtype.
     """
-    # The conv is a few multiply-adds per element: fp32 costs nothing and keeps the taps
-    # exact before the target projection rounds to the compute dtype.
+    # The conv is a few multiply-adds per element: fp32 (fp64 for fp64 operands) costs
+    # nothing and keeps the taps exact before the target projection rounds to the compute
+    # dtype.
     left = _conv_offset(conv_kernel.shape[0], conv_mode)
     if custom_vjp:
         conv = chunk_conv(x0, conv_kernel, left)
     else:
-        conv = _shift_sum(x0, conv_kernel.astype(jnp.float32), left)
+        conv = _shift_sum(x0, conv_kernel, left)
     return matmul("...cd,de->...ce", conv, w_target, compute_dtype).astype(compute_dtype)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.core.numerics import matmul
+from ttt_jax.ops.core.numerics import matmul, wide_dtype
 from ttt_jax.ops.core.scan import chunked_scan
 from ttt_jax.ops.inplace.prefix import (
     PrefixConfig,
@@ -126,7 +126,10 @@ def _custom_bwd(n, cfg, res, cts):
             read_grad, (x, _read_copy(x, cfg), dz), jnp.arange(n), unroll=cfg.unroll
         )
 
-    r = g_x.astype(jnp.float32)
+    # The running sums accumulate in fp32, fp64 when the compute or the state dtype is (a
+    # float32 carry would change type against fp64 matmul results inside the scan).
+    acc = wide_dtype(cd, cfg.state_dtype)
+    r = g_x.astype(acc)
     start, length = last_rows(z, last_idx, n, c)
     if length:
         g_last, z_last = take(g_o, last_idx, start, length), take(z, last_idx, start, length)
@@ -141,7 +144,7 @@ def _custom_bwd(n, cfg, res, cts):
         if cfg.clip_tau is None:
             # <R, V^T Z> = sum(Z * (V R)): the V R product that gives dZd gives deta too.
             vr = matmul("bcd,bdf->bcf", v_j, r, cd)
-            deta = deta + jnp.sum(vr * zd_j.astype(jnp.float32))
+            deta = deta + jnp.sum(vr * zd_j.astype(acc))
             dzd_j, dv_j = eta * vr, eta * matmul("bcf,bdf->bcd", zd_j, r, cd)
         else:
             raw = matmul("bcd,bcf->bdf", v_j, zd_j, cd)
@@ -163,7 +166,7 @@ def _custom_bwd(n, cfg, res, cts):
         r = r + matmul("bcd,bcf->bdf", take(g_o, reader(j), j * c, c), zr_j, cd)
         return (r, deta, dz, dv), None
 
-    deta, dv = jnp.zeros((), jnp.float32), jnp.zeros_like(v)
+    deta, dv = jnp.zeros((), acc), jnp.zeros_like(v)
     if n:
         (r, deta, dz, dv), _ = lax.scan(
             delta_grad, (r, deta, dz, dv), jnp.arange(n), reverse=True, unroll=cfg.unroll

@@ -58,9 +58,10 @@ def lr_matrices(eta: jax.Array, token_scale: jax.Array) -> tuple[jax.Array, jax.
     return e, token_scale[-1] * eta
 
 
-def default_token_scale(mini_batch_size: int) -> jax.Array:
-    """`1 / (i + 1)` for positions `i = 0..C-1` (SPEC 3.1)."""
-    return 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=jnp.float32)
+def default_token_scale(mini_batch_size: int, dtype=jnp.float32) -> jax.Array:
+    """`1 / (i + 1)` for positions `i = 0..C-1` (SPEC 3.1), computed in `dtype` (the op's
+    accumulation dtype: fp64 ops need the fp64 quotients, not fp32 ones widened)."""
+    return 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=dtype)
 
 
 def check_ttt_args(
@@ -75,6 +76,7 @@ def check_ttt_args(
     token_scale,
     checkpoint_group,
     remat_policy,
+    segment_ids=None,
 ) -> dict[str, int]:
     """Checks every TTT op argument before tracing; returns the bound dims (B, T, H, D, ...)."""
     c = check_positive_int("mini_batch_size", mini_batch_size)
@@ -86,6 +88,7 @@ def check_ttt_args(
         ("eta", eta, ("B", "T", "H")),
         *params,
         ("token_scale", token_scale, (c,)),
+        ("segment_ids", segment_ids, ("B", "T")),
     ]
     if initial_state is not None:
         for name, shape in state_fields:
@@ -93,6 +96,11 @@ def check_ttt_args(
     dims = check_shapes(specs)
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if segment_ids is not None and not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+        raise ValueError(
+            "segment_ids must have an integer dtype (a new document wherever the id changes), "
+            f"got {jnp.result_type(segment_ids)}"
+        )
     check_scan_knobs(checkpoint_group, remat_policy)
     return dims
 
@@ -118,7 +126,8 @@ def run_mini_batches(
     zero-padded, run once, and its state update dropped.
 
     Returns:
-      `(out [B, T, H, D] float32, state after the last complete mini-batch)`.
+      `(out [B, T, H, D] in the steps' accumulation dtype, state after the last complete
+      mini-batch)`.
     """
     t = q.shape[1]
     splits = [split_time(x, mini_batch_size) for x in (q, k, v, eta)]

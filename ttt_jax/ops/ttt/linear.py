@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.core.numerics import matmul
+from ttt_jax.ops.core.numerics import matmul, wide_dtype
 from ttt_jax.ops.ttt.common import (
     check_ttt_args,
     default_token_scale,
@@ -31,6 +31,8 @@ from ttt_jax.ops.ttt.common import (
     lr_matrices,
     run_mini_batches,
 )
+from ttt_jax.ops.ttt.linear_kernel import resolve_impl, ttt_linear_pallas
+from ttt_jax.ops.ttt.packed import band_dual, band_rates, run_packed
 
 # checkpoint_name tags usable in `save_names:` / `offload_names:` remat policies.
 NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
@@ -57,10 +59,12 @@ def ttt_linear(
     mini_batch_size: int = 16,
     token_scale: jax.Array | None = None,
     initial_state: TTTLinearState | None = None,
+    segment_ids: jax.Array | None = None,
     checkpoint_group: int | None = None,
     remat_policy: str | None = None,
     state_dtype=jnp.float32,
     unroll: int = 1,
+    impl: str = "xla",
 ) -> tuple[jax.Array, TTTLinearState]:
     """TTT-Linear over a sequence.
 
@@ -74,14 +78,22 @@ def ttt_linear(
       mini_batch_size: C, tokens per inner gradient step. T need not be a multiple.
       token_scale: `[C]` scale of position i within a mini-batch; default `1 / (i + 1)`.
       initial_state: per-sample weights to start from (fields `[B, H, ...]`).
+      segment_ids: `[B, T]` integers, a new document wherever the id changes (None: one
+        document). Every document after the first restarts from `W1, b1` and counts its
+        mini-batches from its first token; each document gets the outputs it would get alone.
       checkpoint_group: rematerialise groups of this many mini-batches (None: no remat).
       remat_policy: name of the remat policy inside a group (`ttt_jax.ops.core.remat`).
       state_dtype: dtype of the fast weights and their updates (fp32 by default).
       unroll: scan unroll factor (speed only).
+      impl: "xla" (the scan above), "pallas" (the fused GPU kernels of `linear_kernel.py`, with
+        `checkpoint_group` as their state-checkpoint spacing, default 16; `remat_policy` and
+        `unroll` do not apply), "pallas_interpret" (the same kernels under the Pallas
+        interpreter, for CPU tests), or "auto" (the kernels on a GPU where they support the
+        call, else XLA). "pallas" on an unsupported call raises a ValueError.
 
     Returns:
       `o: [B, T, H, D]` in the dtype of q (`q_i + LN(f_{W_i}(q_i))`), and the state after the
-      last complete mini-batch.
+      last complete mini-batch (of the last document).
     """
     dims = check_ttt_args(
         q,
@@ -100,38 +112,93 @@ def ttt_linear(
         token_scale,
         checkpoint_group,
         remat_policy,
+        segment_ids,
     )
+    backend = resolve_impl(impl, q, mini_batch_size, state_dtype, segment_ids)
     cd = q.dtype
+    # Everything but the matmul operands runs in the wider of the inputs' and the state's
+    # dtype (SPEC 2): fp32 under bf16 / fp32, fp64 under fp64 (no fp32 cast on the way).
+    acc = wide_dtype(cd, state_dtype)
     if token_scale is None:
-        token_scale = default_token_scale(mini_batch_size)
-    token_scale = token_scale.astype(jnp.float32)
-    ln_scale = ln_scale.astype(jnp.float32)
-    ln_bias = ln_bias.astype(jnp.float32)
+        token_scale = default_token_scale(mini_batch_size, acc)
+    token_scale = token_scale.astype(acc)
+    ln_scale = ln_scale.astype(acc)
+    ln_bias = ln_bias.astype(acc)
     if initial_state is None:
         b = dims["B"]
         initial_state = TTTLinearState(
             W1=jnp.broadcast_to(W1, (b, *W1.shape)), b1=jnp.broadcast_to(b1, (b, *b1.shape))
         )
     state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
+    if backend != "xla":
+        o, w, bias = ttt_linear_pallas(
+            q,
+            k,
+            v,
+            eta,
+            state.W1,
+            state.b1,
+            ln_scale,
+            ln_bias,
+            token_scale,
+            mini_batch_size=mini_batch_size,
+            checkpoint_group=checkpoint_group,
+            interpret=backend == "pallas_interpret",
+        )
+        return o, TTTLinearState(W1=w, b1=bias)
 
     def step(s: TTTLinearState, xs):
         qc, kc, vc, ec = xs  # [B, H, C, D], eta [B, H, C]
-        w, bias = s.W1, s.b1.astype(jnp.float32)[:, :, None, :]
+        w, bias = s.W1, s.b1.astype(acc)[:, :, None, :]
         z = checkpoint_name(matmul("bhcd,bhde->bhce", kc, w, cd) + bias, "ttt_z")
-        target = vc.astype(jnp.float32) - kc.astype(jnp.float32)
+        target = vc.astype(acc) - kc.astype(acc)
         g = checkpoint_name(layer_norm_l2_grad(z, target, ln_scale, ln_bias), "ttt_grad")
-        e, e_last = lr_matrices(ec.astype(jnp.float32), token_scale)
+        e, e_last = lr_matrices(ec.astype(acc), token_scale)
         # (q k^T + 1): the +1 is the bias's share of the inner gradient step.
         attn = e * (matmul("bhid,bhjd->bhij", qc, kc, cd) + 1.0)
         z_bar = matmul("bhcd,bhde->bhce", qc, w, cd) + bias - matmul("bhij,bhjd->bhid", attn, g, cd)
         z_bar = checkpoint_name(z_bar, "ttt_z_bar")
-        out = qc.astype(jnp.float32) + layer_norm(z_bar, ln_scale, ln_bias)
+        out = qc.astype(acc) + layer_norm(z_bar, ln_scale, ln_bias)
         ge = g * e_last[..., None]
         new = TTTLinearState(
             W1=(s.W1 - matmul("bhcd,bhce->bhde", kc, ge, cd)).astype(state_dtype),
             b1=(s.b1 - ge.sum(2)).astype(state_dtype),
         )
         return new, out
+
+    if segment_ids is not None:
+
+        def const_reads(qb, kb, vb, eb, band):  # blocks [B, N, H, C, D] reading (W1, b1)
+            w, bias = W1.astype(state_dtype), b1.astype(state_dtype).astype(acc)[:, None]
+            z = matmul("bnhcd,hde->bnhce", kb, w, cd) + bias
+            target = vb.astype(acc) - kb.astype(acc)
+            g = layer_norm_l2_grad(z, target, ln_scale, ln_bias)
+            e_own, e_prev = band_rates(eb.astype(acc), band)
+            z_bar = matmul("bnhcd,hde->bnhce", qb, w, cd) + bias
+            z_bar = z_bar - band_dual(qb, kb, g, e_own, e_prev, cd)
+            return qb.astype(acc) + layer_norm(z_bar, ln_scale, ln_bias)
+
+        reset = TTTLinearState(
+            W1=jnp.broadcast_to(W1, state.W1.shape).astype(state_dtype),
+            b1=jnp.broadcast_to(b1, state.b1.shape).astype(state_dtype),
+        )
+        out, state = run_packed(
+            step,
+            const_reads,
+            state,
+            reset,
+            q,
+            k,
+            v,
+            eta,
+            segment_ids,
+            token_scale=token_scale,
+            mini_batch_size=mini_batch_size,
+            checkpoint_group=checkpoint_group,
+            remat_policy=remat_policy,
+            unroll=unroll,
+        )
+        return out.astype(q.dtype), state
 
     out, state = run_mini_batches(
         step,

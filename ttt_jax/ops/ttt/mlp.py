@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.core.numerics import gelu_tanh, gelu_tanh_grad, matmul
+from ttt_jax.ops.core.numerics import gelu_tanh, gelu_tanh_grad, matmul, wide_dtype
 from ttt_jax.ops.ttt.common import (
     check_ttt_args,
     default_token_scale,
@@ -29,6 +29,7 @@ from ttt_jax.ops.ttt.common import (
     lr_matrices,
     run_mini_batches,
 )
+from ttt_jax.ops.ttt.packed import band_dual, band_rates, run_packed
 
 NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
 
@@ -61,6 +62,7 @@ def ttt_mlp(
     mini_batch_size: int = 16,
     token_scale: jax.Array | None = None,
     initial_state: TTTMLPState | None = None,
+    segment_ids: jax.Array | None = None,
     checkpoint_group: int | None = None,
     remat_policy: str | None = None,
     state_dtype=jnp.float32,
@@ -73,8 +75,9 @@ def ttt_mlp(
       eta: `[B, T, H]` per source-token inner learning rate.
       W1: `[H, D, F]`, b1: `[H, F]`, W2: `[H, F, D]`, b2: `[H, D]` initial fast weights.
       ln_scale, ln_bias: `[H, D]` per-head LayerNorm of the inner model's output.
-      mini_batch_size, token_scale, initial_state, checkpoint_group, remat_policy,
-      state_dtype, unroll: as in `ttt_linear`.
+      mini_batch_size, token_scale, initial_state, segment_ids, checkpoint_group,
+      remat_policy, state_dtype, unroll: as in `ttt_linear` (documents restart from
+      `W1, b1, W2, b2`).
 
     Returns:
       `o: [B, T, H, D]` in the dtype of q, and the state after the last complete mini-batch.
@@ -98,13 +101,17 @@ def ttt_mlp(
         token_scale,
         checkpoint_group,
         remat_policy,
+        segment_ids,
     )
     cd = q.dtype
+    # Everything but the matmul operands runs in the wider of the inputs' and the state's
+    # dtype (SPEC 2): fp32 under bf16 / fp32, fp64 under fp64 (no fp32 cast on the way).
+    acc = wide_dtype(cd, state_dtype)
     if token_scale is None:
-        token_scale = default_token_scale(mini_batch_size)
-    token_scale = token_scale.astype(jnp.float32)
-    ln_scale = ln_scale.astype(jnp.float32)
-    ln_bias = ln_bias.astype(jnp.float32)
+        token_scale = default_token_scale(mini_batch_size, acc)
+    token_scale = token_scale.astype(acc)
+    ln_scale = ln_scale.astype(acc)
+    ln_bias = ln_bias.astype(acc)
     if initial_state is None:
         b = dims["B"]
         initial_state = TTTMLPState(*(jnp.broadcast_to(p, (b, *p.shape)) for p in (W1, b1, W2, b2)))
@@ -112,16 +119,16 @@ def ttt_mlp(
 
     def step(s: TTTMLPState, xs):
         qc, kc, vc, ec = xs  # [B, H, C, D], eta [B, H, C]
-        b1c = s.b1.astype(jnp.float32)[:, :, None, :]
-        b2c = s.b2.astype(jnp.float32)[:, :, None, :]
+        b1c = s.b1.astype(acc)[:, :, None, :]
+        b2c = s.b2.astype(acc)[:, :, None, :]
         z1 = checkpoint_name(matmul("bhcd,bhdf->bhcf", kc, s.W1, cd) + b1c, "ttt_z")
         x2 = gelu_tanh(z1)
         z2 = matmul("bhcf,bhfd->bhcd", x2, s.W2, cd) + b2c
-        target = vc.astype(jnp.float32) - kc.astype(jnp.float32)
+        target = vc.astype(acc) - kc.astype(acc)
         g2 = layer_norm_l2_grad(z2, target, ln_scale, ln_bias)
         g1 = matmul("bhcd,bhfd->bhcf", g2, s.W2, cd) * gelu_tanh_grad(z1)
         g1 = checkpoint_name(g1, "ttt_grad")
-        e, e_last = lr_matrices(ec.astype(jnp.float32), token_scale)
+        e, e_last = lr_matrices(ec.astype(acc), token_scale)
         attn1 = e * (matmul("bhid,bhjd->bhij", qc, kc, cd) + 1.0)
         z1_bar = matmul("bhcd,bhdf->bhcf", qc, s.W1, cd) + b1c
         z1_bar = z1_bar - matmul("bhij,bhjf->bhif", attn1, g1, cd)
@@ -129,7 +136,7 @@ def ttt_mlp(
         attn2 = e * (matmul("bhif,bhjf->bhij", x2_bar, x2, cd) + 1.0)
         z2_bar = matmul("bhcf,bhfd->bhcd", x2_bar, s.W2, cd) + b2c
         z2_bar = checkpoint_name(z2_bar - matmul("bhij,bhjd->bhid", attn2, g2, cd), "ttt_z_bar")
-        out = qc.astype(jnp.float32) + layer_norm(z2_bar, ln_scale, ln_bias)
+        out = qc.astype(acc) + layer_norm(z2_bar, ln_scale, ln_bias)
         g1e, g2e = g1 * e_last[..., None], g2 * e_last[..., None]
         new = TTTMLPState(
             W1=(s.W1 - matmul("bhcd,bhcf->bhdf", kc, g1e, cd)).astype(state_dtype),
@@ -138,6 +145,49 @@ def ttt_mlp(
             b2=(s.b2 - g2e.sum(2)).astype(state_dtype),
         )
         return new, out
+
+    if segment_ids is not None:
+
+        def const_reads(qb, kb, vb, eb, band):  # blocks [B, N, H, C, D] reading W1, .., b2
+            w1, w2 = W1.astype(state_dtype), W2.astype(state_dtype)
+            b1c = b1.astype(state_dtype).astype(acc)[:, None]
+            b2c = b2.astype(state_dtype).astype(acc)[:, None]
+            z1 = matmul("bnhcd,hdf->bnhcf", kb, w1, cd) + b1c
+            x2 = gelu_tanh(z1)
+            z2 = matmul("bnhcf,hfd->bnhcd", x2, w2, cd) + b2c
+            target = vb.astype(acc) - kb.astype(acc)
+            g2 = layer_norm_l2_grad(z2, target, ln_scale, ln_bias)
+            g1 = matmul("bnhcd,hfd->bnhcf", g2, w2, cd) * gelu_tanh_grad(z1)
+            e_own, e_prev = band_rates(eb.astype(acc), band)
+            z1_bar = matmul("bnhcd,hdf->bnhcf", qb, w1, cd) + b1c
+            x2_bar = gelu_tanh(z1_bar - band_dual(qb, kb, g1, e_own, e_prev, cd))
+            z2_bar = matmul("bnhcf,hfd->bnhcd", x2_bar, w2, cd) + b2c
+            z2_bar = z2_bar - band_dual(x2_bar, x2, g2, e_own, e_prev, cd)
+            return qb.astype(acc) + layer_norm(z2_bar, ln_scale, ln_bias)
+
+        reset = TTTMLPState(
+            *(
+                jnp.broadcast_to(p, (dims["B"], *p.shape)).astype(state_dtype)
+                for p in (W1, b1, W2, b2)
+            )
+        )
+        out, state = run_packed(
+            step,
+            const_reads,
+            state,
+            reset,
+            q,
+            k,
+            v,
+            eta,
+            segment_ids,
+            token_scale=token_scale,
+            mini_batch_size=mini_batch_size,
+            checkpoint_group=checkpoint_group,
+            remat_policy=remat_policy,
+            unroll=unroll,
+        )
+        return out.astype(q.dtype), state
 
     out, state = run_mini_batches(
         step,

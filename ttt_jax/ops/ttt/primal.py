@@ -15,12 +15,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.core.numerics import gelu_tanh, matmul
+from ttt_jax.ops.core.numerics import gelu_tanh, matmul, wide_dtype
 from ttt_jax.ops.ttt.common import (
     default_token_scale,
     layer_norm,
     run_mini_batches,
 )
+from ttt_jax.ops.ttt.packed import band_rates, prev_block, run_packed
 from ttt_jax.ops.ttt.linear import TTTLinearState, ttt_linear
 from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
 
@@ -51,6 +52,7 @@ def _primal(
     mini_batch_size=16,
     token_scale=None,
     initial_state=None,
+    segment_ids=None,
     checkpoint_group=None,
     remat_policy=None,
     state_dtype=jnp.float32,
@@ -69,14 +71,16 @@ def _primal(
             mini_batch_size=mini_batch_size,
             token_scale=token_scale,
             initial_state=initial_state,
+            segment_ids=segment_ids,
             checkpoint_group=checkpoint_group,
             remat_policy=remat_policy,
         )
     )
     cd = q.dtype
-    ts = default_token_scale(mini_batch_size) if token_scale is None else token_scale
-    ts = ts.astype(jnp.float32)
-    ln_s, ln_b = ln_scale.astype(jnp.float32), ln_bias.astype(jnp.float32)
+    acc = wide_dtype(cd, state_dtype)  # as in the dual form (SPEC 2)
+    ts = default_token_scale(mini_batch_size, acc) if token_scale is None else token_scale
+    ts = ts.astype(acc)
+    ln_s, ln_b = ln_scale.astype(acc), ln_bias.astype(acc)
     if initial_state is None:
         initial_state = state_cls(
             **{n: jnp.broadcast_to(p, (q.shape[0], *p.shape)) for n, p in params.items()}
@@ -88,7 +92,7 @@ def _primal(
 
     def token_loss(p, h, kt, vt):
         y = head_norm(inner(p, kt, cd), h)
-        return 0.5 * jnp.sum((y - (vt.astype(jnp.float32) - kt.astype(jnp.float32))) ** 2)
+        return 0.5 * jnp.sum((y - (vt.astype(acc) - kt.astype(acc))) ** 2)
 
     def one_head(p, h, qc, kc, vc, ec):  # p: one sample-head's weights; qc: [C, D]
         grads = jax.vmap(jax.grad(token_loss), in_axes=(None, None, 0, 0))(p, h, kc, vc)
@@ -97,7 +101,7 @@ def _primal(
         )
         w_i = jax.tree.map(lambda w, s: w - ts.reshape(-1, *[1] * (s.ndim - 1)) * s, p, steps)
         out = jax.vmap(lambda w, x: head_norm(inner(w, x, cd), h))(w_i, qc)
-        return qc.astype(jnp.float32) + out, jax.tree.map(lambda w: w[-1], w_i)
+        return qc.astype(acc) + out, jax.tree.map(lambda w: w[-1], w_i)
 
     heads = jnp.arange(q.shape[2])
     per_head = jax.vmap(one_head, in_axes=(0, 0, 0, 0, 0, 0))
@@ -106,8 +110,55 @@ def _primal(
     def step(s, xs):
         qc, kc, vc, ec = xs
         weights = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
-        out, new = per_sample(weights, heads, qc, kc, vc, ec.astype(jnp.float32))
+        out, new = per_sample(weights, heads, qc, kc, vc, ec.astype(acc))
         return state_cls(**{n: x.astype(state_dtype) for n, x in new.items()}), out
+
+    if segment_ids is not None:
+        reset = state_cls(
+            **{
+                n: jnp.broadcast_to(p, (q.shape[0], *p.shape)).astype(state_dtype)
+                for n, p in params.items()
+            }
+        )
+
+        def const_reads(qb, kb, vb, eb, band):  # blocks [B, N, H, C, D] reading the params
+            p0 = {n: p.astype(state_dtype) for n, p in params.items()}
+            grad = jax.vmap(jax.grad(token_loss), in_axes=(None, None, 0, 0))  # tokens
+            grad = jax.vmap(grad, in_axes=(0, 0, 0, 0))  # heads
+            for _ in range(2):  # blocks, samples
+                grad = jax.vmap(grad, in_axes=(None, None, 0, 0))
+            grads = grad(p0, heads, kb, vb)  # [B, N, H, C, ...] per token, all at p0
+            e_own, e_prev = band_rates(eb.astype(acc), band)
+
+            def weights(w, g):  # W_i = W - sum_j E[i, j] grad_j over the token's document
+                steps = jnp.einsum("bnhij,bnhj...->bnhi...", e_own, g)
+                steps = steps + jnp.einsum("bnhij,bnhj...->bnhi...", e_prev, prev_block(g))
+                return w[:, None] - steps
+
+            w_i = jax.tree.map(weights, p0, grads)
+            read = jax.vmap(lambda w, x, h: head_norm(inner(w, x, cd), h), (0, 0, None))
+            read = jax.vmap(read, in_axes=(0, 0, 0))  # heads
+            for _ in range(2):
+                read = jax.vmap(read, in_axes=(0, 0, None))
+            return qb.astype(acc) + read(w_i, qb, heads)
+
+        out, state = run_packed(
+            step,
+            const_reads,
+            state,
+            reset,
+            q,
+            k,
+            v,
+            eta,
+            segment_ids,
+            token_scale=ts,
+            mini_batch_size=mini_batch_size,
+            checkpoint_group=checkpoint_group,
+            remat_policy=remat_policy,
+            unroll=unroll,
+        )
+        return out.astype(q.dtype), state
 
     out, state = run_mini_batches(
         step,

@@ -1,24 +1,24 @@
-"""Packed documents for In-Place TTT: where each token goes in the slot layout (SPEC 3.3).
+"""Packed documents: where each token goes when chunks restart at every document (SPEC 2).
 
-With `segment_ids`, chunks restart at every document's first token, so they no longer sit on a
-grid of C from position 0. The prefix (`inplace_vjp.fast_weight_reads`) works on slots of C
-tokens, so each slot names its tokens by position:
+With `segment_ids`, chunks (mini-batches) restart at every document's first token, so they no
+longer sit on a grid of C from position 0. A recurrent op scans *slots* of C tokens instead,
+each slot naming its tokens by position:
 
 - **delta slots**: the *complete* chunks of all documents, in order. A complete chunk has C
   tokens, so there are at most `N = T // C` of them whatever the documents are: the slots
-  never hold more tokens than the input. Unused slots are all padding (zero tokens), whose
-  delta is zero: they pass the state through.
+  never hold more tokens than the input. Unused slots are all padding (index T, gathered as
+  zero tokens), which every family's update leaves the state unchanged on.
 - **resets**: a slot holding the first chunk of any document but the call's first resets the
-  state (`keep = 0`), so documents never see each other.
-- **readers**: every token that reads a non-trivial state reads *the state entering some slot*:
-  the tokens of a complete chunk other than a document's first read the state entering their
-  own slot; the trailing partial chunk of a document (its "tail") reads the state after the
-  document's last complete chunk, which is the state entering the next slot (a reset slot,
-  or padding, or the reads after the last slot). Reset slots' own tokens
-  read the reset state, which in the offset form used with segments (`E = W - w_down`) is
-  zero, and so do whole documents shorter than C: they need the base term `Z w_down^T` only.
-  The call's first document continues from `initial_state`; its tail (or all of it, if it is
-  shorter than C) reads the carried offset like any tail.
+  state to the slow-weight arguments (`keep = 0`), so documents never see each other.
+- **readers**: tokens that read *the state entering some slot*: the tokens of a complete
+  chunk other than a document's first read the state entering their own slot; the trailing
+  partial chunk of a document (its "tail") reads the state after the document's last complete
+  chunk, which is the state entering the next slot (a reset slot, or padding, or the reads
+  after the last slot). The call's first document continues from `initial_state`; its tail
+  (or all of it, if it is shorter than C) reads the carried state like any tail.
+- **constant readers**: the rest, i.e. a reset slot's own tokens and whole documents shorter
+  than C other than the call's first, read the reset state, the same for all of them. How
+  they are read is the family's choice (In-Place: a base term; TTT: its dual form).
 
 Every index is computed from `segment_ids` with cumulative max/min/sum over time, so the layout
 is traced (any positions, any number of documents) while all shapes stay static.
@@ -54,6 +54,28 @@ class SlotLayout(NamedTuple):
     last_continues: jax.Array
 
 
+class DocSpans(NamedTuple):
+    """Per token of `[B, T]` segment ids: its document's `start` (first position), `length`,
+    and its own position `within` the document (all int32 `[B, T]`)."""
+
+    start: jax.Array
+    length: jax.Array
+    within: jax.Array
+
+
+def doc_spans(segment_ids: jax.Array) -> DocSpans:
+    """The document of every token (a new document wherever the id changes)."""
+    b, t = segment_ids.shape
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    edge = jnp.ones((b, 1), bool)
+    start = jnp.concatenate([edge, change], axis=1)
+    end = jnp.concatenate([change, edge], axis=1)
+    seg_start = lax.cummax(jnp.where(start, pos, 0), axis=1)
+    seg_end = lax.cummin(jnp.where(end, pos, t - 1), axis=1, reverse=True)
+    return DocSpans(start=seg_start, length=seg_end - seg_start + 1, within=pos - seg_start)
+
+
 def slot_layout(segment_ids: jax.Array, chunk_size: int, dtype) -> SlotLayout:
     """The slot layout of packed documents (module docstring).
 
@@ -66,14 +88,7 @@ def slot_layout(segment_ids: jax.Array, chunk_size: int, dtype) -> SlotLayout:
     c = chunk_size
     n = t // c
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    change = segment_ids[:, 1:] != segment_ids[:, :-1]
-    edge = jnp.ones((b, 1), bool)
-    start = jnp.concatenate([edge, change], axis=1)
-    end = jnp.concatenate([change, edge], axis=1)
-    seg_start = lax.cummax(jnp.where(start, pos, 0), axis=1)
-    seg_end = lax.cummin(jnp.where(end, pos, t - 1), axis=1, reverse=True)
-    length = seg_end - seg_start + 1
-    within = pos - seg_start
+    seg_start, length, within = doc_spans(segment_ids)
     chunk, off = within // c, within % c
     first_doc = seg_start == 0
     complete = (chunk + 1) * c <= length
@@ -106,3 +121,11 @@ def gather_time(x: jax.Array, idx: jax.Array) -> jax.Array:
     """`x: [B, S, ...]`, `idx: [B, L]` -> `[B, L, ...]` (`x[b, idx[b, l]]`), 0 where `idx >= S`."""
     rows = jnp.arange(x.shape[0])[:, None]
     return x.at[rows, idx].get(mode="fill", fill_value=0)
+
+
+def scatter_time(x: jax.Array, idx: jax.Array, t: int) -> jax.Array:
+    """Inverse of `gather_time` for distinct indices: `x: [B, L, ...]` placed at `idx: [B, L]`
+    of a zero `[B, t, ...]` (entries with `idx >= t` dropped). A scatter-add, so that its
+    transpose is the gather."""
+    rows = jnp.arange(x.shape[0])[:, None]
+    return jnp.zeros((x.shape[0], t, *x.shape[2:]), x.dtype).at[rows, idx].add(x, mode="drop")

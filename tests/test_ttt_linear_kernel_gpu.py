@@ -1,0 +1,139 @@
+"""TTT-Linear's Pallas kernels compiled for the GPU (what the CPU interpreter cannot reach: the
+Triton lowering, bf16 tensor-core MMAs, the CTA barrier of the backward's scratch).
+
+Every kernel output starts as NaN (`poison=True`), so an element the kernel fails to write fails
+the comparison. bf16 q, k, v: the kernel's outputs and final state against the fp32 torch
+reference on the same bf16-valued inputs, and its gradients against the fp32 XLA op on those
+inputs, `<= 2e-2` (SPEC 5); fp32 inputs: the kernel equals the XLA op to `<= 1e-5`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import ttt_torch_ref
+from ttt_jax.ops import ttt_linear
+from ttt_jax.ops.ttt.linear_kernel import ttt_linear_pallas
+from ttt_jax.testing import GPU_BF16_TOL, OP_TOL, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU"),
+]
+
+
+def inputs(b, t, h, d, seed, dtype):
+    ks = iter(jax.random.split(jax.random.PRNGKey(seed), 12))
+    n = lambda shape, s=1.0: s * jax.random.normal(next(ks), shape)  # noqa: E731
+    x = [n((b, t, h, d)).astype(dtype) for _ in range(3)]
+    eta = 0.2 * jax.nn.sigmoid(n((b, t, h)))
+    p = dict(
+        W1=n((h, d, d), 0.2),
+        b1=n((h, d), 0.1),
+        ln_scale=1 + n((h, d), 0.1),
+        ln_bias=n((h, d), 0.1),
+        token_scale=1.0 / jnp.arange(1, 17) + n((16,), 0.05),
+    )
+    return (*x, eta), p
+
+
+def kernel_fn(poison=True):
+    def run(q, k, v, eta, p):
+        b = q.shape[0]
+        return ttt_linear_pallas(
+            q,
+            k,
+            v,
+            eta,
+            jnp.broadcast_to(p["W1"], (b, *p["W1"].shape)),
+            jnp.broadcast_to(p["b1"], (b, *p["b1"].shape)),
+            p["ln_scale"],
+            p["ln_bias"],
+            p["token_scale"],
+            mini_batch_size=16,
+            checkpoint_group=4,
+            interpret=False,
+            poison=poison,
+        )
+
+    return run
+
+
+def xla_fn(q, k, v, eta, p):
+    o, s = ttt_linear(q, k, v, eta, **p, mini_batch_size=16, checkpoint_group=4)
+    return o, s.W1, s.b1
+
+
+def grads(fn, args, probes):
+    def objective(*a):
+        return sum(jnp.sum(x.astype(jnp.float32) * r) for x, r in zip(fn(*a), probes, strict=True))
+
+    return jax.jit(jax.grad(objective, argnums=(0, 1, 2, 3, 4)))(*args)
+
+
+def probes_for(shapes, seed=11):
+    ks = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    return tuple(jax.random.normal(k, s.shape) for k, s in zip(ks, shapes, strict=True))
+
+
+@pytest.mark.parametrize("d,t", [(64, 80), (128, 80), (64, 2048)])
+def test_kernel_bf16_vs_torch_reference_and_xla(d, t):
+    (q, k, v, eta), p = inputs(2, t, 2, d, seed=d + t, dtype=jnp.bfloat16)
+    o, w, bias = jax.jit(kernel_fn())(q, k, v, eta, p)
+    assert o.dtype == jnp.bfloat16 and w.dtype == jnp.float32
+    assert bool(jnp.isfinite(o.astype(jnp.float32)).all())
+
+    # The fp32 XLA op on the same bf16 values: the reference for the gradients.
+    args32 = (q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), eta, p)
+    o32, w32, b32 = jax.jit(xla_fn)(*args32)
+    if t <= 128:  # the primal-form torch reference loops over tokens: short T only
+        to_t = lambda a: torch.tensor(np.asarray(a, np.float32))  # noqa: E731
+        with torch.no_grad():
+            to, ts = ttt_torch_ref.ttt_linear(
+                *(to_t(a) for a in args32[:4]),
+                **{n: to_t(a) for n, a in p.items() if n in ("W1", "b1")},
+                ln_scale=to_t(p["ln_scale"]),
+                ln_bias=to_t(p["ln_bias"]),
+                mini_batch_size=16,
+                token_scale=to_t(p["token_scale"]),
+            )
+        assert rel_err(o.astype(jnp.float32), to.numpy()) <= GPU_BF16_TOL
+        assert rel_err(w, ts.W1.numpy()) <= GPU_BF16_TOL
+        assert rel_err(bias, ts.b1.numpy()) <= GPU_BF16_TOL
+    assert rel_err(o.astype(jnp.float32), o32) <= GPU_BF16_TOL
+    assert rel_err(w, w32) <= GPU_BF16_TOL
+
+    probes = probes_for((o32, w32, b32))
+    g = grads(kernel_fn(), (q, k, v, eta, p), probes)
+    g_ref = grads(xla_fn, args32, probes)
+    for name, a, r in zip(("q", "k", "v", "eta"), g[:4], g_ref[:4], strict=True):
+        assert bool(jnp.isfinite(a.astype(jnp.float32)).all()), name
+        assert rel_err(a.astype(jnp.float32), r) <= GPU_BF16_TOL, (name, rel_err(a, r))
+    for name in p:
+        assert rel_err(g[4][name], g_ref[4][name]) <= GPU_BF16_TOL, name
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_kernel_fp32_equals_xla_op_on_gpu(d):
+    args = inputs(2, 72, 3, d, seed=d, dtype=jnp.float32)
+    args = (*args[0], args[1])
+    got = jax.jit(kernel_fn())(*args)
+    want = jax.jit(xla_fn)(*args)
+    for a, r in zip(got, want, strict=True):
+        assert rel_err(a, r) <= OP_TOL
+    probes = probes_for(want)
+    g = grads(kernel_fn(), args, probes)
+    g_ref = grads(xla_fn, args, probes)
+    for a, r in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
+        assert rel_err(a, r) <= OP_TOL
+
+
+def test_impl_pallas_and_auto_take_the_kernel():
+    (q, k, v, eta), p = inputs(1, 48, 2, 64, seed=3, dtype=jnp.bfloat16)
+    want = kernel_fn(poison=False)(q, k, v, eta, p)
+    for impl in ("pallas", "auto"):
+        o, s = ttt_linear(q, k, v, eta, **p, mini_batch_size=16, checkpoint_group=4, impl=impl)
+        np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(want[0], np.float32))
+        np.testing.assert_array_equal(np.asarray(s.W1), np.asarray(want[1]))

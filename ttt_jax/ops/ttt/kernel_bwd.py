@@ -1,0 +1,209 @@
+"""The TTT-Linear backward as one sequential Pallas (Triton backend) kernel per (sample, head).
+
+Grid `(B, H)`. Each program walks the checkpoint groups in reverse. For a group it reloads the
+fp32 state checkpoint, replays the group's state chain (`Z`, `G`, update: no output) and writes
+each mini-batch's starting state into a small per-program HBM scratch (`[G, D, D]` in the compute
+dtype, the only form the backward's matmuls read, plus `[G, D]` fp32 biases); then it runs the
+reverse chain over the group's mini-batches, recomputing that mini-batch's forward tiles from its
+scratch state and applying the closed-form backward (`kernel_math`). The cotangent of the state,
+`dW [D, D]` and `db [D]` fp32, and the sums for `ln_scale`, `ln_bias` and `token_scale` stay on
+chip as loop carries; `dq, dk, dv, deta` are written once per mini-batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ttt_jax.ops.ttt import kernel_math as km
+from ttt_jax.ops.ttt.kernel_fwd import (
+    KernelConfig,
+    call,
+    chunk_inputs,
+    kernel_partial,
+    pl,
+    pltriton,
+)
+
+
+def _barrier(cfg: KernelConfig) -> None:
+    # The scratch is written and read back by different threads of the same program: a CTA
+    # barrier orders those global-memory accesses. The interpreter runs one program serially.
+    if not cfg.interpret:
+        pltriton.debug_barrier()
+
+
+def _backward_kernel(*refs, cfg: KernelConfig):
+    (
+        q_ref,
+        k_ref,
+        v_ref,
+        eta_ref,
+        ts_ref,
+        lnw_ref,
+        lnb_ref,
+        ckw_ref,
+        ckb_ref,
+        do_ref,
+        dwf_ref,
+        dbf_ref,
+    ) = refs[:12]
+    (
+        dq_ref,
+        dk_ref,
+        dv_ref,
+        deta_ref,
+        dw0_ref,
+        db0_ref,
+        dlnw_ref,
+        dlnb_ref,
+        dts_ref,
+        sw_ref,
+        sb_ref,
+    ) = refs[12:]
+    b, h = pl.program_id(0), pl.program_id(1)
+    c, cd, f32 = cfg.mini_batch, cfg.cd, jnp.float32
+    inputs = (q_ref, k_ref, v_ref, eta_ref)
+    gamma = lnw_ref[h, :][None, :]
+    beta = lnb_ref[h, :][None, :]
+    a = ts_ref[:]
+    a_last = ts_ref[c - 1]
+    tri = km.causal(c)
+    a_causal = jnp.where(tri, a[:, None], 0.0)
+    last = (lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1).astype(f32)
+
+    def replay(start):
+        """Writes the starting state of each mini-batch of the group at `start` to scratch."""
+
+        def body(j, carry):
+            w, bias = carry
+            i = start + j
+            sw_ref[b, h, j, :, :] = w.astype(sw_ref.dtype)
+            sb_ref[b, h, j, :] = bias
+            _, k, v, eta = chunk_inputs(inputs, b, h, i, c)
+            z = km.dot(k, w, cd) + bias[None, :]
+            g = km.inner_grad(z, v.astype(f32) - k.astype(f32), gamma, beta)[0]
+            ge = g * (jnp.where(i < cfg.n_full, a_last, 0.0) * eta)[:, None]
+            return w - km.dot(k, ge, cd, ta=True), bias - jnp.sum(ge, axis=0)
+
+        return body
+
+    def reverse(start, count):
+        def body(jj, carry):
+            dw, db, dgamma, dbeta, dts = carry
+            j = count - 1 - jj
+            i = start + j
+            wc = sw_ref[b, h, j, :, :]
+            bias = sb_ref[b, h, j, :][None, :]
+            q, k, v, eta = chunk_inputs(inputs, b, h, i, c)
+            rows = pl.ds(i * c, c)
+            dout = do_ref[b, rows, h, :].astype(f32)
+            t = v.astype(f32) - k.astype(f32)
+            # --- recompute this mini-batch's forward tiles from its starting state
+            z = km.dot(k, wc, cd) + bias
+            g, x, r, y, mxy = km.inner_grad(z, t, gamma, beta)
+            e = a_causal * eta[None, :]
+            qk1 = km.dot(q, k, cd, tb=True) + 1.0
+            attn = e * qk1
+            z_bar = km.dot(q, wc, cd) + bias - km.dot(attn, g, cd)
+            xb, rb = km.ln_stats(z_bar)
+            # --- output LayerNorm and residual
+            dgamma += jnp.sum(dout * xb, axis=0)
+            dbeta += jnp.sum(dout, axis=0)
+            dzb = km.ln_bwd(dout, xb, rb, gamma)
+            # --- Z_bar = q W + b - attn G
+            dq = dout + km.dot(dzb, wc, cd, tb=True)
+            da_mat = -km.dot(dzb, g, cd, tb=True)
+            dg = -km.dot(attn, dzb, cd, ta=True)
+            # --- the update W' = W - k^T (s G), b' = b - sum s G, s = token_scale[-1] eta
+            full = i < cfg.n_full
+            scale = jnp.where(full, a_last, 0.0)
+            s = scale * eta
+            p = km.dot(k, dw, cd) + db[None, :]
+            dg -= s[:, None] * p
+            ds = -jnp.sum(g * p, axis=1)
+            dk = -km.dot(s[:, None] * g, dw, cd, tb=True)
+            # --- attn = E * (q k^T + 1), E[i, j] = token_scale[i] eta[j]
+            de = jnp.where(tri, da_mat * qk1, 0.0)
+            dqk = da_mat * e
+            dq += km.dot(dqk, k, cd)
+            dk += km.dot(dqk, q, cd, ta=True)
+            deta = jnp.sum(a_causal * de, axis=0) + scale * ds
+            dts += jnp.sum(de * eta[None, :], axis=1)
+            dts += last * jnp.where(full, jnp.sum(eta * ds), 0.0)
+            # --- G = LN-L2 gradient of Z = k W + b against t = v - k
+            dz, dt, dgamma_rows, dbeta_rows = km.inner_grad_bwd(dg, g, x, r, y, mxy, t, gamma, beta)
+            dgamma += jnp.sum(dgamma_rows, axis=0)
+            dbeta += jnp.sum(dbeta_rows, axis=0)
+            dk += km.dot(dz, wc, cd, tb=True) - dt
+            dq_ref[b, rows, h, :] = dq.astype(dq_ref.dtype)
+            dk_ref[b, rows, h, :] = dk.astype(dk_ref.dtype)
+            dv_ref[b, rows, h, :] = dt.astype(dv_ref.dtype)
+            deta_ref[b, rows, h] = deta
+            dw = dw + km.dot(q, dzb, cd, ta=True) + km.dot(k, dz, cd, ta=True)
+            db = db + jnp.sum(dzb, axis=0) + jnp.sum(dz, axis=0)
+            return dw, db, dgamma, dbeta, dts
+
+        return body
+
+    def group_body(gi, carry):
+        grp = cfg.n_groups - 1 - gi
+        start = grp * cfg.group
+        count = jnp.minimum(cfg.group, cfg.n_chunks - start)
+        state = (ckw_ref[b, h, grp, :, :], ckb_ref[b, h, grp, :])
+        lax.fori_loop(0, count, replay(start), state)
+        _barrier(cfg)
+        carry = lax.fori_loop(0, count, reverse(start, count), carry)
+        _barrier(cfg)
+        return carry
+
+    d = cfg.dim
+    init = (
+        dwf_ref[b, h, :, :],
+        dbf_ref[b, h, :],
+        jnp.zeros((d,), f32),
+        jnp.zeros((d,), f32),
+        jnp.zeros((c,), f32),
+    )
+    dw, db, dgamma, dbeta, dts = lax.fori_loop(0, cfg.n_groups, group_body, init)
+    dw0_ref[b, h, :, :] = dw
+    db0_ref[b, h, :] = db
+    dlnw_ref[b, h, :] = dgamma
+    dlnb_ref[b, h, :] = dbeta
+    dts_ref[b, h, :] = dts
+
+
+def backward(
+    cfg: KernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ckw, ckb, do, dwf, dbf
+):
+    """Runs the backward kernel.
+
+    Args: the forward's inputs (as in `kernel_fwd.forward`), its checkpoints, and the cotangents
+    `do [B, N C, H, D]` (dtype of q), `dwf [B, H, D, D]`, `dbf [B, H, D]` (fp32).
+
+    Returns:
+      `dq, dk, dv` (dtype of q), `deta [B, N C, H]`, `dW0 [B, H, D, D]`, `db0 [B, H, D]` (fp32),
+      and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`.
+    """
+    bsz, t, heads, d = q.shape
+    f32 = jnp.float32
+    out_shape = [
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((bsz, t, heads), f32),
+        jax.ShapeDtypeStruct((bsz, heads, d, d), f32),
+        jax.ShapeDtypeStruct((bsz, heads, d), f32),
+        jax.ShapeDtypeStruct((bsz, heads, d), f32),
+        jax.ShapeDtypeStruct((bsz, heads, d), f32),
+        jax.ShapeDtypeStruct((bsz, heads, cfg.mini_batch), f32),
+        # Scratch: the replayed states of one group (compute dtype) and their biases.
+        jax.ShapeDtypeStruct((bsz, heads, cfg.group, d, d), q.dtype),
+        jax.ShapeDtypeStruct((bsz, heads, cfg.group, d), f32),
+    ]
+    kernel = kernel_partial(_backward_kernel, cfg=cfg)
+    outs = call(
+        kernel, cfg, out_shape, q, k, v, eta, token_scale, ln_scale, ln_bias, ckw, ckb, do, dwf, dbf
+    )
+    return outs[:9]
