@@ -28,8 +28,8 @@ Measured (CPU, jax 0.10.2, torch 2.13.0; max relative error over each op's cases
 | inplace_ttt, autodiff | 1.8e-16 | 1.7e-16 | 1.1e-15 |
 | npt_modulated_linear / rank_k / generated | 1.7e-16 | - | 3.1e-16 |
 
-Before the ops computed in the wider dtype, TTT-Linear/MLP (dual and primal) were 4e-8 to
-8e-7 off, In-Place (autodiff) 8e-9 to 4e-7, NPT's low-rank and generated forms 9e-9 to 7e-8,
+Before the ops computed in the wider dtype, TTT-Linear/MLP (dual and primal) were 5e-8 to
+3e-7 off, In-Place (autodiff) 5e-9 to 2e-7, NPT's low-rank and generated forms 7e-9 to 1e-7,
 and In-Place's custom backward raised a TypeError (fp32 running sums in the scan carry).
 LaCT with Muon keeps the largest error: Newton-Schulz amplifies float64 rounding too.
 """
@@ -80,17 +80,14 @@ def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
-def _named_leaves(inputs: dict, grads) -> list[tuple[str, object, object]]:
-    """`(name, input, gradient)` per array input; a state input gives one entry per field."""
-    out = []
-    for name, value in inputs.items():
+def named_leaves(tree: dict) -> dict:
+    """Input name -> array; a state (JAX or reference dataclass) gives `name.field` entries."""
+    out = {}
+    for name, value in tree.items():
         if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                out.append(
-                    (f"{name}.{f.name}", getattr(value, f.name), getattr(grads[name], f.name))
-                )
+            out |= {f"{name}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)}
         else:
-            out.append((name, value, grads[name]))
+            out[name] = value
     return out
 
 
@@ -135,7 +132,6 @@ def compare(jax_op, ref_op, pos, inputs, common, jax_kw=None, ref_kw=None):
     # compile is most of a case's time; the options change no float64 result beyond rounding).
     step = jax.jit(jax.value_and_grad(objective, has_aux=True))
     (_, (o, s, r_out, r_state)), grads = compile_lowered(step.lower(inputs))(inputs)
-    leaves = _named_leaves(inputs, grads)
 
     t = {
         n: state_to_torch(v, requires_grad=True)
@@ -149,17 +145,15 @@ def compare(jax_op, ref_op, pos, inputs, common, jax_kw=None, ref_kw=None):
     obj = (to * to_torch(r_out)).sum() + sum(
         (getattr(ts, f) * to_torch(getattr(r_state, f))).sum() for f in fields
     )
-    t_leaves = [
-        getattr(t[n.split(".")[0]], n.split(".")[1]) if "." in n else t[n] for n, _, _ in leaves
-    ]
-    t_grads = torch.autograd.grad(obj, t_leaves, allow_unused=True)
+    grads, t_leaves = named_leaves(grads), named_leaves(t)
+    t_grads = torch.autograd.grad(obj, [t_leaves[n] for n in grads], allow_unused=True)
 
     assert o.dtype == F64 and to.dtype == torch.float64
     assert all(x.dtype == F64 for x in jax.tree.leaves(s))
     errors = {"out": rel_err(o, to_numpy(to))}
     errors |= {f"state.{f}": rel_err(getattr(s, f), to_numpy(getattr(ts, f))) for f in fields}
     zero = set()
-    for (name, _, gj), gt in zip(leaves, t_grads, strict=True):
+    for (name, gj), gt in zip(grads.items(), t_grads, strict=True):
         gt = np.zeros(gj.shape) if gt is None else to_numpy(gt)
         if not np.any(gt):
             zero.add(name)

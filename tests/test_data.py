@@ -1,9 +1,12 @@
 """Offline data: the stdlib corpus (deterministic, split by file hash), packing with segment ids,
-resumable batches, MQAR, and user files (text, jsonl, npy memmaps), with clear errors."""
+resumable batches, MQAR, and user files (text, jsonl, npy memmaps), with clear errors: a single
+text file split by position, strict UTF-8 (or counted replacements), token ids and eos checked
+against the vocab, and an empty split that says why."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -121,3 +124,77 @@ def test_bad_data_inputs(tmp_path):
         make_dataset(DataConfig(source="npy", path=str(tmp_path / "f.npy")), 4)
     with pytest.raises(ValueError, match="no complete example"):
         Batches(TokenStream(np.arange(5), 8), 2)
+
+
+def test_single_text_file_is_split_by_position(tmp_path):
+    f = tmp_path / "book.txt"
+    f.write_text("".join(f"line {i:04d}\n" for i in range(1000)))  # 10,000 bytes
+    ds = make_dataset(DataConfig(source="text", path=str(f), val_percent=10), 16)
+    assert len(ds.train.tokens) == 9000 and len(ds.val.tokens) == 1000
+    assert bytes(ds.val.tokens[:10]) == b"line 0900\n"  # the last 10% of the file
+    assert ds.train.num_examples > 0 and ds.val.num_examples > 0
+
+
+def test_empty_split_says_why(tmp_path):
+    (tmp_path / "d").mkdir()
+    # Two files whose paths do not hash into validation (val_percent=2): the val split is empty.
+    names = [n for n in (f"f{i}.txt" for i in range(100))
+             if not in_validation(str(tmp_path / "d" / n), 2.0)][:2]  # fmt: skip
+    for name in names:
+        (tmp_path / "d" / name).write_text("some text " * 100)
+    with pytest.raises(ValueError, match=r"the val split of .* no file was assigned to it"):
+        make_dataset(DataConfig(source="text", path=str(tmp_path / "d")), 16)
+    with pytest.raises(ValueError, match=r"train split .* has 980 tokens, fewer than --seq 1000"):
+        make_dataset(DataConfig(source="text", path=str(tmp_path / "d" / names[0])), 1000)
+
+
+def test_text_is_decoded_strictly_or_replaced_and_counted(tmp_path, caplog):
+    d = tmp_path / "latin"
+    d.mkdir()
+    for i in range(30):
+        (d / f"{i:02d}.txt").write_bytes(("café naïve " * 100).encode("latin-1"))
+    with pytest.raises(
+        ValueError, match=r"00\.txt: byte offset 3 is not UTF-8 .*0xe9.*--data\.errors replace"
+    ):
+        make_dataset(DataConfig(source="text", path=str(d), val_percent=20), 16)
+    with caplog.at_level(logging.WARNING, logger="ttt_jax.data"):
+        ds = make_dataset(
+            DataConfig(source="text", path=str(d), val_percent=20, errors="replace"), 16
+        )
+    n_train = sum(not in_validation(str(d / f"{i:02d}.txt"), 20) for i in range(30))
+    assert f"{n_train * 200} undecodable bytes" in caplog.text  # 2 per repetition per file
+    # each replaced byte becomes U+FFFD, 3 bytes of UTF-8
+    assert len(ds.train.tokens) == n_train * 100 * (11 + 2 * 2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl: byte offset 28 is not UTF-8"):
+        make_dataset(DataConfig(source="jsonl", path=str(bad)), 4)
+
+
+def test_token_ids_and_eos_are_checked_against_the_vocab(tmp_path):
+    np.save(tmp_path / "t.npy", (np.arange(5000) % 300).astype(np.uint16))
+    cfg = DataConfig(source="npy", path=str(tmp_path / "t.npy"))
+    with pytest.raises(ValueError, match=r"t\.npy: token id 299 .* at position 256\) is outside "
+                       r"the model's vocab \[0, 256\): pass --model.vocab-size 300"):  # fmt: skip
+        make_dataset(cfg, 16, vocab_size=256)
+    assert make_dataset(cfg, 16, vocab_size=300).train.num_examples > 0
+    np.save(tmp_path / "s.npy", np.array([1, 2, -5, 3] * 100, np.int32))
+    with pytest.raises(ValueError, match=r"s\.npy: negative token id -5 at position 2"):
+        make_dataset(DataConfig(source="npy", path=str(tmp_path / "s.npy")), 8, vocab_size=10)
+    eos = DataConfig(source="npy", path=str(tmp_path / "t.npy"), eos_id=999)
+    with pytest.raises(ValueError, match=r"eos_id=999 is outside the model's vocab \[0, 1000\)"
+                       r"|eos_id=999 is outside the model's vocab \[0, 300\)"):  # fmt: skip
+        make_dataset(eos, 16, vocab_size=300)
+    with pytest.raises(ValueError, match="eos_id is only used by npy"):
+        DataConfig(source="text", path=str(tmp_path), eos_id=3)
+    with pytest.raises(ValueError, match="bytes tokenizer .* has 256 token ids, more than the "
+                       "model's vocab \\(32\\)"):  # fmt: skip
+        (tmp_path / "x.txt").write_text("hello " * 100)
+        make_dataset(DataConfig(source="text", path=str(tmp_path / "x.txt")), 8, vocab_size=32)
+
+
+def test_jsonl_text_field_must_be_a_string(tmp_path):
+    f = tmp_path / "n.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": 12345}\n')
+    with pytest.raises(ValueError, match=r"n\.jsonl:2: field 'text' is a int, not a string"):
+        make_dataset(DataConfig(source="jsonl", path=str(f)), 4)

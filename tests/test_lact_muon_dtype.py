@@ -15,7 +15,7 @@ reference in fp32 the state errors were the same to one digit):
 So the error was the bf16 rounding of the gradient's operands (the fp32 state and the
 activations cast to bf16) amplified by Newton-Schulz, not Newton-Schulz's own matmuls alone.
 With the default the state is the fp32 computation on the same values: its path has no bf16
-operand left (k, v are bf16-valued, exact in fp32), so the bound below is the fp32 op tolerance;
+operand left (k, v are bf16-valued, exact in fp32). The test asserts that in float64 (to 1e-12);
 the output still reads the state through bf16 matmuls, so it keeps the bf16 tolerance.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from ttt_jax.ops import LaCTState, lact_swiglu
-from ttt_jax.testing import GPU_BF16_TOL, OP_TOL, rel_err
+from ttt_jax.testing import GPU_BF16_TOL, rel_err
 
 B, T, H, D, DH, C = 2, 64, 2, 4, 6, 16
 TOKENS = ("q", "k", "v")
@@ -79,12 +79,43 @@ def errors(muon_dtype, seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_float32_update_direction_gives_the_fp32_state(seed):
+def test_float32_update_direction_keeps_the_output_in_tolerance(seed):
     bf16, f32 = errors(jnp.bfloat16, seed), errors("float32", seed)
-    assert max(f32[1:]) <= OP_TOL, (bf16, f32)
     assert f32[0] <= GPU_BF16_TOL, f32
     # The bf16 path is the one that misses the bf16 tolerance (so the test measures something).
     assert max(bf16[1:]) > GPU_BF16_TOL, bf16
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_wide_update_direction_leaves_no_bf16_operand_in_the_state_path(seed):
+    """The claim behind the table, in a well-conditioned form: with the update direction and
+    the state in float64, the bf16-compute run's state equals the float64 op's on the same
+    bf16-valued inputs to float64 rounding. (Comparing the fp32 states instead would put fp32
+    rounding through Newton-Schulz, whose ~1e3 amplification makes any fixed fp32 bound depend
+    on how the platform compiles the two runs.)"""
+    with jax.enable_x64(True):
+        tokens, rates, beta, w, state = make_inputs(seed)
+        f64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)  # noqa: E731
+        rates, beta, w, state = f64(rates), f64(beta), f64(w), f64(state)
+
+        def run(tokens):
+            return lact_swiglu(
+                *(tokens[t] for t in TOKENS),
+                *(rates[f"lr{j}"] for j in range(3)),
+                **w,
+                chunk_size=C,
+                momentum=beta,
+                use_muon=True,
+                muon_dtype=jnp.float64,
+                state_dtype=jnp.float64,
+                initial_state=state,
+            )
+
+        o, s = run(tokens)
+        o64, s64 = run({t: x.astype(jnp.float64) for t, x in tokens.items()})
+        assert o.dtype == jnp.bfloat16 and s.w0.dtype == jnp.float64
+        for f in STATE:
+            assert rel_err(getattr(s, f), getattr(s64, f)) <= 1e-12, f
 
 
 def test_float32_update_direction_is_the_default():

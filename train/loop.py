@@ -80,7 +80,10 @@ def _prepare_run_dir(cfg) -> str:
             if isinstance(saved.get("model"), dict):
                 # A run from before the layer options were nested (`lact_heads` ->
                 # `lact.num_fw_heads`, ...) resumes as the same model.
-                saved["model"] = migrate_flat_fields(saved["model"])
+                migrated = migrate_flat_fields(saved["model"])
+                if migrated is not saved["model"]:
+                    log.info("%s: flat model fields of older runs read as --model.ttt.* etc.", old)
+                saved["model"] = migrated
             if saved.get("model") != now["model"]:
                 diff = sorted(
                     k for k in now["model"] if (saved.get("model") or {}).get(k) != now["model"][k]

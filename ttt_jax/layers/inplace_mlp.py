@@ -32,8 +32,17 @@ from flax import nnx, struct
 from jax import lax
 
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, param, zeros
-from ttt_jax.ops.core import check_scan_knobs, check_shapes, gelu_tanh, matmul
+from ttt_jax.ops.core import (
+    check_cache,
+    check_layer_input,
+    check_policy_names,
+    check_scan_knobs,
+    check_shapes,
+    gelu_tanh,
+    matmul,
+)
 from ttt_jax.ops.inplace import BACKWARDS, CONV_KERNEL_SIZES, PREFIXES, InPlaceState, inplace_ttt
+from ttt_jax.ops.inplace import NAMES as INPLACE_NAMES
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": gelu_tanh}
 TARGET_SOURCES = ("embeddings", "input")
@@ -116,6 +125,7 @@ class InPlaceMLPConfig:
             )
         try:
             check_scan_knobs(self.checkpoint_group, self.remat_policy)
+            check_policy_names(self.remat_policy, INPLACE_NAMES, "the In-Place TTT op")
         except ValueError as err:
             raise ValueError(f"InPlaceMLPConfig: {err}") from None
 
@@ -204,7 +214,7 @@ class InPlaceMLP(nnx.Module):
           `y: [B, T, d]` in the compute dtype.
         """
         c, cd = self.config, self.config.precision.compute_dtype
-        check_shapes([("x", x, ("B", "T", c.d_model))])
+        check_layer_input(x, c.d_model)
         z = self.hidden(x)
         if not c.ttt:
             return matmul("btf,df->btd", z, self.w_down[...], cd).astype(cd)
@@ -230,6 +240,7 @@ class InPlaceMLP(nnx.Module):
     ) -> tuple[jax.Array, InPlaceCache]:
         """Runs a prompt (`[B, T, d]`) from an empty cache; returns `y` and the cache after it."""
         c = self.config
+        check_layer_input(x, c.d_model)
         b, t = x.shape[:2]
         z = self.hidden(x)
         target = self._targets(x, embeddings)
@@ -250,6 +261,8 @@ class InPlaceMLP(nnx.Module):
         """One token (`x: [B, 1, d]`, `embeddings: [B, 1, d]`): its output and the new cache."""
         c, cd = self.config, self.config.precision.compute_dtype
         check_shapes([("x", x, ("B", 1, c.d_model))])
+        check_layer_input(x, c.d_model)
+        check_cache(cache, InPlaceCache, lambda cache: cache.w.shape[0], x.shape[0])
         z = self.hidden(x)
         target = self._targets(x, embeddings)
         y = matmul("btf,bdf->btd", z, cache.w, cd).astype(cd)

@@ -38,8 +38,11 @@ from flax import nnx, struct
 from ttt_jax.layers.attention import IMPLEMENTATIONS, attend
 from ttt_jax.layers.common import BF16, FP32, MixedPrecision, normal, ones, param, zeros
 from ttt_jax.ops.core import (
+    check_cache,
     check_choice,
+    check_layer_input,
     check_optional_positive_int,
+    check_policy_names,
     check_positive_int,
     check_scan_knobs,
     matmul,
@@ -47,6 +50,7 @@ from ttt_jax.ops.core import (
     wide_dtype,
 )
 from ttt_jax.ops.lact import BACKWARDS, LaCTState, lact_low_rank_weight, lact_swiglu
+from ttt_jax.ops.lact import NAMES as LACT_NAMES
 from ttt_jax.ops.rope import rope
 
 MUON_DTYPES = ("float32", "bfloat16")
@@ -140,6 +144,7 @@ class LaCTConfig:
                 f"LaCTConfig.precision must be a MixedPrecision, got {self.precision!r}"
             )
         check_scan_knobs(self.checkpoint_group, self.remat_policy)
+        check_policy_names(self.remat_policy, LACT_NAMES, "the LaCT op", "LaCTConfig.remat_policy")
 
     @property
     def fw_head_dim(self) -> int:
@@ -300,10 +305,10 @@ class LaCTLayer(nnx.Module):
         """
         c = self.config
         cd = c.precision.compute_dtype
-        if x.ndim != 3 or x.shape[-1] != c.d_model:
-            raise ValueError(f"x has shape {x.shape} but expected (B, T, {c.d_model})")
+        check_layer_input(x, c.d_model)
         if cache is None:
             cache = self._empty_cache(x.shape[0], None)
+        check_cache(cache, LaCTCache, lambda cache: cache.q.shape[0], x.shape[0])
         b, t, d = x.shape
         x = x.astype(cd)
         positions = cache.position + jnp.arange(t)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, param
-from ttt_jax.ops.core import check_positive_int, check_shapes, matmul
+from ttt_jax.ops.core import check_layer_input, check_positive_int, check_shapes, matmul
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,7 @@ class SwiGLU(nnx.Module):
         """
         c, cd = self.config, self.config.precision.compute_dtype
         check_shapes([("x", x, ("B", "S", c.d_model))])
+        check_layer_input(x, c.d_model)
         x = x.astype(cd)
         gate = matmul("bsd,df->bsf", x, self.W_gate[...], cd).astype(cd)
         return swiglu_down(x, gate, self.W_up[...], self.W_down[...], cd)

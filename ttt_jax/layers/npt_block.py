@@ -23,7 +23,7 @@ from flax import nnx
 from ttt_jax.layers.attention import causal_attention
 from ttt_jax.layers.common import MixedPrecision, normal, ones, param
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
-from ttt_jax.ops.core import check_positive_int, check_shapes, rms_norm
+from ttt_jax.ops.core import check_layer_input, check_positive_int, check_shapes, rms_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +124,7 @@ class NPTBlock(nnx.Module):
         c, cd = self.config, self.config.precision.compute_dtype
         pos_shape = ("S",) if positions is None or jnp.ndim(positions) == 1 else ("B", "S")
         dims = check_shapes([("x", x, ("B", "S", c.d_model)), ("positions", positions, pos_shape)])
+        check_layer_input(x, c.d_model)
         if positions is None:
             positions = jnp.arange(dims["S"])
         o = causal_attention(

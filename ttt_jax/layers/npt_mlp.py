@@ -34,7 +34,14 @@ from flax import nnx
 
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, param
 from ttt_jax.layers.mlp import swiglu_down, swiglu_params
-from ttt_jax.ops.core import check_choice, check_positive_int, check_shapes, matmul
+from ttt_jax.ops.core import (
+    check_choice,
+    check_float,
+    check_layer_input,
+    check_positive_int,
+    check_shapes,
+    matmul,
+)
 from ttt_jax.ops.npt import (
     npt_generated_rank_k_linear,
     npt_modulated_linear,
@@ -158,12 +165,14 @@ class NPTMLP(nnx.Module):
         """
         c, cd = self.config, self.config.precision.compute_dtype
         check_shapes([("x", x, ("B", "S", c.d_model))])
+        check_layer_input(x, c.d_model)
         if c.modulation != "none":
             if a is None:
                 raise ValueError(
                     f"a (the modulating signal) is required for modulation={c.modulation!r}"
                 )
             check_shapes([("x", x, ("B", "S", c.d_model)), ("a", a, ("B", "S", c.mod_width))])
+            check_float(a=a)
         x = x.astype(cd)
         aux = jnp.zeros((), jnp.float32)
         if c.modulation == "none":

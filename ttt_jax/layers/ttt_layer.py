@@ -29,7 +29,11 @@ from flax import nnx, struct
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, ones, param, zeros
 from ttt_jax.ops.causal_conv import causal_conv
 from ttt_jax.ops.core import (
+    check_cache,
     check_choice,
+    check_finite_number,
+    check_layer_input,
+    check_policy_names,
     check_positive_int,
     check_scan_knobs,
     check_shapes,
@@ -39,6 +43,7 @@ from ttt_jax.ops.core import (
     matmul,
 )
 from ttt_jax.ops.rope import rope
+from ttt_jax.ops.ttt import NAMES as TTT_NAMES
 from ttt_jax.ops.ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
 
 # The post LayerNorm's epsilon, and the dtype it computes in whatever the compute dtype (SPEC 4).
@@ -97,8 +102,12 @@ class TTTConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"TTTConfig head_dim={self.head_dim} must be even for RoPE")
-        if self.base_lr is not None and not self.base_lr > 0:
-            raise ValueError(f"TTTConfig.base_lr={self.base_lr} must be > 0")
+        if self.base_lr is not None:
+            check_finite_number("TTTConfig.base_lr", self.base_lr)
+            if not self.base_lr > 0:
+                raise ValueError(f"TTTConfig.base_lr={self.base_lr} must be > 0")
+        check_finite_number("TTTConfig.rope_theta", self.rope_theta, positive=True)
+        check_policy_names(self.remat_policy, TTT_NAMES, "the TTT op", "TTTConfig.remat_policy")
 
     @property
     def head_dim(self) -> int:
@@ -179,6 +188,7 @@ class TTTLayer(nnx.Module):
         in a row: the q/k convs, the RoPE positions (mod C from each document's start) and the
         fast weights restart at every document, so each gets the outputs it would get alone.
         """
+        check_layer_input(x, self.config.d_model)
         if segment_ids is None:
             y, _ = self.decode(x)
             return y
@@ -236,10 +246,10 @@ class TTTLayer(nnx.Module):
             )
         c = self.config
         cd = c.precision.compute_dtype
-        if x.ndim != 3 or x.shape[-1] != c.d_model:
-            raise ValueError(f"x has shape {x.shape} but expected (B, T, {c.d_model})")
+        check_layer_input(x, c.d_model)
         if cache is None:
             cache = self.init_cache(x.shape[0])
+        check_cache(cache, TTTCache, lambda cache: cache.q.shape[0], x.shape[0])
         x = x.astype(cd)
         n_pending, length = cache.q.shape[1], x.shape[1]
         q, k, v, history = self._qkv(x, cache.conv_history)

@@ -196,8 +196,15 @@ def target_workload(a: argparse.Namespace) -> Workload:
     return workload.with_remat(remat)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line (`--help` still prints the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m ttt_jax.memory",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

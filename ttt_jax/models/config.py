@@ -220,13 +220,20 @@ FLAT_FIELDS: dict[str, tuple[str, ...]] = {
 def migrate_flat_fields(model: dict) -> dict:
     """A `ModelConfig` as JSON (`dataclasses.asdict`) with the flat fields of the older format
     (`FLAT_FIELDS`, e.g. `lact_heads`, `checkpoint_group`) moved to the nested option fields
-    they became; a dict of the current format comes back unchanged.
+    they became; a dict of the current format comes back unchanged (the same object).
 
-    An option the flat format could not set takes its default, which is what such a run used
-    (the defaults equal the values that format passed to the layers).
+    The flat values go to the option sections of the families the pattern uses; the other
+    sections, which did not shape the model, take their defaults (the flat format kept, e.g., a
+    `checkpoint_group` for every family, its TTT preset's 4 included). An option the flat
+    format could not set takes its default too, which is what such a run used (the defaults
+    equal the values that format passed to the layers).
     """
     if not any(flat in model for flat in FLAT_FIELDS):
         return model
+    try:
+        used = {FAMILIES[n].options for spec in model["pattern"] for n in parse_block(spec)}
+    except (KeyError, TypeError, ValueError):
+        used = set(OPTIONS)
     model = dict(model)
     sections = {name: dataclasses.asdict(kind()) for name, kind in OPTIONS.items()}
     for flat, targets in FLAT_FIELDS.items():
@@ -235,5 +242,6 @@ def migrate_flat_fields(model: dict) -> dict:
         value = model.pop(flat)
         for target in targets:
             section, field = target.split(".")
-            sections[section][field] = value
+            if section in used:
+                sections[section][field] = value
     return {**model, **sections}

@@ -38,19 +38,14 @@ def causal_conv(
     wd = wide_dtype(x.dtype, weight.dtype)
     xp = jnp.concatenate([history.astype(x.dtype), x], axis=1).astype(wd)
     w = weight.astype(wd)
-    if segment_ids is None:
-        y = sum(w[j] * xp[:, j : j + t] for j in range(k))
-    else:
-        spans = doc_spans(segment_ids)
+    taps = [xp[:, j : j + t] for j in range(k)]
+    if segment_ids is not None:
         # Tap j reaches back k - 1 - j steps: inside the document, or before the row's first.
-        y = sum(
-            jnp.where(
-                ((spans.within >= k - 1 - j) | (spans.start == 0))[..., None],
-                w[j] * xp[:, j : j + t],
-                0.0,
-            )
-            for j in range(k)
-        )
+        # Masking the inputs (not the products) keeps one document's sums the plain ones.
+        spans = doc_spans(segment_ids)
+        reach = [(spans.within >= k - 1 - j) | (spans.start == 0) for j in range(k)]
+        taps = [jnp.where(r[..., None], x_j, 0.0) for r, x_j in zip(reach, taps, strict=True)]
+    y = sum(w[j] * taps[j] for j in range(k))
     if bias is not None:
         y = y + bias.astype(wd)
     return y.astype(x.dtype)

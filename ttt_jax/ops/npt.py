@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import jax
 
-from ttt_jax.ops.core.checks import check_float, check_shapes
+from ttt_jax.ops.core.checks import check_float, check_nonempty, check_shapes
 from ttt_jax.ops.core.numerics import matmul, wide_dtype
 
 
@@ -68,6 +68,7 @@ def npt_modulated_linear(
         ]
     )
     check_float(h=h, m=m, W=W, A=A, B=B)
+    check_nonempty("h", h, ("B", "S"))
     cd = h.dtype
     base = matmul("bsd,df->bsf", h, W, cd)
     # h A is only r wide: keep it and the modulation in fp32 (fp64 for fp64 operands); only
@@ -101,6 +102,7 @@ def npt_rank_k_linear(h: jax.Array, u: jax.Array, w: jax.Array, *, W: jax.Array)
         ]
     )
     check_float(h=h, u=u, w=w, W=W)
+    check_nonempty("h", h, ("B", "S"))
     cd = h.dtype
     base = matmul("bsd,df->bsf", h, W, cd)
     coef = matmul("bsd,bskd->bsk", h, u, cd)  # [B, S, k] fp32, as h A above
@@ -145,6 +147,7 @@ def npt_generated_rank_k_linear(
         ]
     )
     check_float(h=h, g=g, W=W, W_u=W_u, W_w=W_w)
+    check_nonempty("h", h, ("B", "S"))
     cd = h.dtype
     r, k = W_u.shape[:2]
     base = matmul("bsd,df->bsf", h, W, cd)

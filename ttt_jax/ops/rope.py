@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ttt_jax.ops.core.checks import check_finite_number
 from ttt_jax.ops.core.numerics import wide_dtype
 
 
@@ -22,6 +23,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rope needs an even head dim, got x shape {x.shape}")
+    check_finite_number("theta", theta, positive=True, allow_array=True)
     wd = wide_dtype(x.dtype)
     inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=wd) / d)  # [D/2]
     pos = jnp.asarray(positions, wd)

@@ -33,12 +33,18 @@ from ttt_jax.ops.core.segments import (
 # --- argument checks (ValueErrors that name the argument, before tracing)
 from ttt_jax.ops.core.checks import (
     BACKWARDS,
+    check_cache,
     check_choice,
+    check_finite_number,
     check_float,
     check_float_dtype,
+    check_layer_input,
+    check_nonempty,
     check_optional_positive_int,
+    check_policy_names,
     check_positive_int,
     check_shapes,
+    check_state_type,
 )
 
 __all__ = [
@@ -65,10 +71,16 @@ __all__ = [
     "slot_layout",
     # argument checks
     "BACKWARDS",
+    "check_cache",
     "check_choice",
+    "check_finite_number",
     "check_float",
     "check_float_dtype",
+    "check_layer_input",
+    "check_nonempty",
     "check_optional_positive_int",
+    "check_policy_names",
     "check_positive_int",
     "check_shapes",
+    "check_state_type",
 ]

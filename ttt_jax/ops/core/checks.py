@@ -7,8 +7,10 @@ shape is checked against the one the math needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
 # The two backward kinds of the families with a manual VJP: their own reverse pass, or JAX's
@@ -105,3 +107,76 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
     return value  # type: ignore[return-value]
+
+
+def check_nonempty(name: str, x: object, dims: Sequence[str] = ("B", "T")) -> None:
+    """The leading axes of `x` (named `dims`, e.g. batch and time) must each hold >= 1 element:
+    an empty batch or sequence is a caller's mistake, not a call with an empty result."""
+    shape = tuple(jnp.shape(x))
+    for axis, dim in enumerate(dims[: len(shape)]):
+        if shape[axis] < 1:
+            raise ValueError(
+                f"{name} has shape {shape}: its {dim} axis (axis {axis}) must be >= 1, got 0"
+            )
+
+
+def check_state_type(name: str, value: object, cls: type) -> None:
+    """`value` is None or a `cls` (a state pytree of the op's own kind)."""
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"{name} must be {cls.__name__} (or None), got {type(value).__name__}")
+
+
+def check_policy_names(
+    remat_policy: object, names: Sequence[str], where: str, name: str = "remat_policy"
+) -> None:
+    """A `save_names:` / `offload_names:` policy may only name tags that `where` sets (`names`,
+    the family's `NAMES`): an unknown name would silently save nothing."""
+    if not isinstance(remat_policy, str):
+        return
+    for prefix in ("save_names:", "offload_names:"):
+        if remat_policy.startswith(prefix):
+            asked = [n.strip() for n in remat_policy[len(prefix) :].split(",") if n.strip()]
+            unknown = [n for n in asked if n not in names]
+            if unknown:
+                raise ValueError(
+                    f"{name}={remat_policy!r} names {', '.join(map(repr, unknown))}, which "
+                    f"{where} does not tag (its names: {', '.join(names) or 'none'})"
+                )
+
+
+def check_finite_number(
+    name: str, value: object, *, positive: bool = False, allow_array: bool = False
+) -> None:
+    """A finite real number (`> 0` with `positive`). With `allow_array`, a concrete 0-d array
+    is checked too, and a traced one (a jit argument) is let through: its value is unknown."""
+    if allow_array and not isinstance(value, int | float) and jnp.ndim(value) == 0:
+        try:
+            value = float(value)
+        except jax.errors.ConcretizationTypeError:
+            return
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value}")
+
+
+def check_layer_input(x: object, width: int, name: str = "x") -> dict[str, int]:
+    """A layer's input: `[B, T, width]`, floating (token ids go through an embedding first;
+    no layer casts integers silently), B >= 1 and T >= 1. Returns `{"B": ..., "T": ...}`."""
+    dims = check_shapes([(name, x, ("B", "T", width))])
+    check_float(**{name: x})
+    check_nonempty(name, x)
+    return dims
+
+
+def check_cache(cache: object, cls: type, batch_of, batch: int, name: str = "cache") -> None:
+    """`cache` is a `cls` made for this batch size (`batch_of(cache)` its batch)."""
+    if not isinstance(cache, cls):
+        raise ValueError(f"{name} must be {cls.__name__}, got {type(cache).__name__}")
+    if batch_of(cache) != batch:
+        raise ValueError(
+            f"{name} holds a batch of {batch_of(cache)} but x has batch {batch}: make the cache "
+            f"with init_cache({batch})"
+        )

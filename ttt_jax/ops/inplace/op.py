@@ -36,14 +36,18 @@ from flax import struct
 from ttt_jax.ops.core.checks import (
     BACKWARDS,
     check_choice,
+    check_finite_number,
     check_float,
     check_float_dtype,
+    check_nonempty,
+    check_policy_names,
     check_positive_int,
     check_shapes,
+    check_state_type,
 )
 from ttt_jax.ops.core.scan import check_scan_knobs
 from ttt_jax.ops.core.segments import gather_time, slot_layout
-from ttt_jax.ops.inplace.prefix import PREFIXES, PrefixConfig
+from ttt_jax.ops.inplace.prefix import NAMES, PREFIXES, PrefixConfig
 from ttt_jax.ops.inplace.targets import CONV_KERNEL_SIZES, chunk_targets
 from ttt_jax.ops.inplace.vjp import fast_weight_reads
 
@@ -87,9 +91,11 @@ def _check_args(
         ("conv_kernel", conv_kernel, ("K", "d")),
         ("segment_ids", segment_ids, ("B", "T")),
     ]
+    check_state_type("initial_state", initial_state, InPlaceState)
     if initial_state is not None:
         specs.append(("initial_state.w_down", initial_state.w_down, ("B", "d", "F")))
     dims = check_shapes(specs)
+    check_nonempty("z", z)
     want_k = CONV_KERNEL_SIZES[conv_mode]
     if conv_kernel.shape[0] != want_k:
         raise ValueError(
@@ -104,6 +110,7 @@ def _check_args(
         raise ValueError(f"eta must be a scalar (float or 0-d array), got shape {jnp.shape(eta)}")
     if not isinstance(eta, int | float):
         check_float(eta=eta)
+    check_finite_number("eta", eta, allow_array=True)
     if clip_tau is not None and (
         isinstance(clip_tau, bool)
         or not isinstance(clip_tau, int | float)
@@ -112,6 +119,7 @@ def _check_args(
     ):
         raise ValueError(f"clip_tau must be None or a finite number > 0, got {clip_tau!r}")
     check_scan_knobs(checkpoint_group, remat_policy)
+    check_policy_names(remat_policy, NAMES, "inplace_ttt")
     return dims
 
 

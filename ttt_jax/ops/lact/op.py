@@ -22,12 +22,14 @@ from ttt_jax.ops.core.checks import (
     check_choice,
     check_float,
     check_float_dtype,
+    check_nonempty,
+    check_policy_names,
     check_positive_int,
     check_shapes,
 )
 from ttt_jax.ops.core.numerics import wide_dtype
 from ttt_jax.ops.core.scan import check_scan_knobs
-from ttt_jax.ops.lact.math import Chunk, ChunkConfig, row_norms
+from ttt_jax.ops.lact.math import NAMES, Chunk, ChunkConfig, row_norms
 from ttt_jax.ops.lact.vjp import lact_reads
 
 LOW_RANK_IDENTITY = 0.5
@@ -88,9 +90,11 @@ def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict
                 value = getattr(initial_state, field)
                 specs.append((f"initial_state.{field}", value, ("B", *shape)))
     dims = check_shapes(specs)
+    check_nonempty("q", q)
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_scan_knobs(knobs["checkpoint_group"], knobs["remat_policy"])
+    check_policy_names(knobs["remat_policy"], NAMES, "lact_swiglu")
     return dims
 
 

@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ttt_jax.ops.core.checks import check_float, check_positive_int, check_shapes
+from ttt_jax.ops.core.checks import (
+    check_float,
+    check_float_dtype,
+    check_nonempty,
+    check_policy_names,
+    check_positive_int,
+    check_shapes,
+    check_state_type,
+)
 from ttt_jax.ops.core.chunking import merge_time, split_time
 from ttt_jax.ops.core.scan import check_scan_knobs, chunked_scan
 
@@ -77,9 +85,20 @@ def check_ttt_args(
     checkpoint_group,
     remat_policy,
     segment_ids=None,
+    *,
+    state_dtype=None,
+    state_type=None,
+    names=(),
 ) -> dict[str, int]:
-    """Checks every TTT op argument before tracing; returns the bound dims (B, T, H, D, ...)."""
+    """Checks every TTT op argument before tracing; returns the bound dims (B, T, H, D, ...).
+
+    `state_dtype` must be floating, `initial_state` a `state_type`, and a `save_names:` policy
+    may name only the op's `names`."""
     c = check_positive_int("mini_batch_size", mini_batch_size)
+    if state_dtype is not None:
+        check_float_dtype("state_dtype", state_dtype)
+    if state_type is not None:
+        check_state_type("initial_state", initial_state, state_type)
     check_float(q=q, k=k, v=v, eta=eta, token_scale=token_scale, **{n: p for n, p, _ in params})
     specs = [
         ("q", q, ("B", "T", "H", "D")),
@@ -94,6 +113,7 @@ def check_ttt_args(
         for name, shape in state_fields:
             specs.append((f"initial_state.{name}", getattr(initial_state, name), ("B", *shape)))
     dims = check_shapes(specs)
+    check_nonempty("q", q)
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if segment_ids is not None and not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
@@ -102,6 +122,7 @@ def check_ttt_args(
             f"got {jnp.result_type(segment_ids)}"
         )
     check_scan_knobs(checkpoint_group, remat_policy)
+    check_policy_names(remat_policy, names, "ttt_linear / ttt_mlp")
     return dims
 
 

@@ -113,6 +113,9 @@ def ttt_linear(
         checkpoint_group,
         remat_policy,
         segment_ids,
+        state_dtype=state_dtype,
+        state_type=TTTLinearState,
+        names=NAMES,
     )
     backend = resolve_impl(impl, q, mini_batch_size, state_dtype, segment_ids)
     cd = q.dtype

@@ -102,6 +102,9 @@ def ttt_mlp(
         checkpoint_group,
         remat_policy,
         segment_ids,
+        state_dtype=state_dtype,
+        state_type=TTTMLPState,
+        names=NAMES,
     )
     cd = q.dtype
     # Everything but the matmul operands runs in the wider of the inputs' and the state's

@@ -21,9 +21,9 @@ from ttt_jax.ops.ttt.common import (
     layer_norm,
     run_mini_batches,
 )
-from ttt_jax.ops.ttt.packed import band_rates, prev_block, run_packed
 from ttt_jax.ops.ttt.linear import TTTLinearState, ttt_linear
 from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
+from ttt_jax.ops.ttt.packed import band_rates, prev_block, run_packed
 
 Inner = Callable[[dict, jax.Array], jax.Array]
 
