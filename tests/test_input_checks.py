@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from ttt_jax import layers as L
+from ttt_jax.layers.attention import Attention, AttentionConfig
 from ttt_jax.ops.inplace import inplace_ttt
 from ttt_jax.ops.lact import lact_swiglu
 from ttt_jax.ops.npt import npt_generated_rank_k_linear, npt_modulated_linear, npt_rank_k_linear
@@ -122,7 +123,10 @@ def small_layers():
 
 def test_bad_layer_inputs_raise_naming_the_argument():
     ttt, lact_layer, inpl, npt = small_layers()
+    attn = Attention(AttentionConfig(d_model=8, num_heads=2, head_dim=4), rngs=nnx.Rngs(0))
     ints = jnp.ones((1, 4, 8), jnp.int32)
+    with pytest.raises(ValueError, match="x must have a floating dtype, got int32"):
+        attn(ints)
     a = jnp.ones((1, 4, npt.config.mod_width))
     for call in (lambda: ttt(ints), lambda: lact_layer(ints), lambda: inpl(ints),
                  lambda: npt(ints, a), lambda: ttt.decode(ints)):  # fmt: skip

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ttt_jax.ops import TTTLinearState, ttt_linear
+from ttt_jax.ops.ttt.linear_kernel import ttt_linear_pallas
 from ttt_jax.testing import OP_TOL, rel_err
 
 GRAD_NAMES = ("q", "k", "v", "eta", "W1", "b1", "ln_scale", "ln_bias", "token_scale")
@@ -135,6 +136,32 @@ def test_kernel_gradients_under_checkpoint_and_scan():
     want = jax.grad(loss, argnums=(1, 2, 3))("xla", qs, state, args["ln_scale"])
     for a, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert rel_err(a, r) <= OP_TOL
+
+
+@pytest.mark.parametrize("dtype,d", [(jnp.bfloat16, 64), (jnp.float32, 128)])
+def test_kernels_lower_to_triton_without_a_gpu(dtype, d):
+    """The forward and backward kernels lower to Triton IR for CUDA (no GPU needed): catches
+    primitives and dtype mixes the Triton backend rejects, which the interpreter accepts."""
+    b, t, h, c = 2, 40, 3, 16
+    sd = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    args = (
+        *(sd((b, t, h, d), dtype) for _ in range(3)),
+        sd((b, t, h), f32),
+        sd((b, h, d, d), f32),
+        sd((b, h, d), f32),
+        sd((h, d), f32),
+        sd((h, d), f32),
+        sd((c,), f32),
+    )
+
+    def loss(*a):
+        o, w, bias = ttt_linear_pallas(*a, mini_batch_size=c, checkpoint_group=2, interpret=False)
+        return jnp.sum(o.astype(f32)) + jnp.sum(w) + jnp.sum(bias)
+
+    lowered = jax.jit(jax.grad(loss, argnums=tuple(range(9)))).trace(*args)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 2  # forward (with checkpoints) and backward
 
 
 def test_auto_is_xla_on_cpu():

@@ -2,6 +2,9 @@
 
 `run(cfg)` returns the process exit code (`train.signals`): 0 done (or stopped at
 `stop_after`), 3 non-finite loss, 75 stopped by SIGTERM/SIGINT after saving a checkpoint.
+It raises `ValueError` for bad configuration, data or run directory (naming the flag, the file
+or the path) and `train.checkpoint.CheckpointError` when the run directory holds checkpoints of
+which none verifies; neither changes what the run directory holds (`--fresh` aside).
 """
 
 from __future__ import annotations

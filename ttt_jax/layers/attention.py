@@ -27,6 +27,7 @@ from flax import nnx
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, param
 from ttt_jax.ops.core import (
     check_choice,
+    check_layer_input,
     check_optional_positive_int,
     check_positive_int,
     matmul,
@@ -214,6 +215,7 @@ class Attention(nnx.Module):
           `[B, T, d]` in the compute dtype.
         """
         c = self.config
+        check_layer_input(x, c.d_model)
         if positions is None:
             positions = jnp.arange(x.shape[1])
         return causal_attention(

@@ -35,6 +35,21 @@ def check_scan_knobs(checkpoint_group: int | None, remat_policy: str | None) -> 
             f"remat_policy={remat_policy!r} needs checkpoint_group: set checkpoint_group=1 to "
             "rematerialise every chunk, or G to rematerialise groups of G chunks"
         )
+    if (
+        isinstance(remat_policy, str)
+        and remat_policy.startswith("offload_names:")
+        and checkpoint_group not in (None, 1)
+    ):
+        # XLA's host offloader (jax 0.11.2, H200) cannot place the offloaded residuals of a
+        # scan nested in a scan: compiling fails at post-layout-assignment with "Expected
+        # instruction to have shape equal to ..." after converting the outer scan's dynamic
+        # slice of the host buffer into host compute. One checkpointed step per chunk (a
+        # single scan) offloads and keeps its gradients (probe in benchmarks/RESULTS.md).
+        raise ValueError(
+            f"remat_policy={remat_policy!r} needs checkpoint_group=1, got "
+            f"checkpoint_group={checkpoint_group}: XLA cannot offload the residuals of the "
+            "nested scan that checkpoint groups of more than one chunk use"
+        )
 
 
 def chunked_scan(
@@ -70,6 +85,11 @@ def chunked_scan(
         return lax.scan(step, carry, xs, length=n, unroll=unroll)
 
     group_size = min(checkpoint_group, n)
+    if group_size == 1:
+        # Groups of one chunk: one checkpointed step per chunk in a single scan (no inner scan,
+        # which is also the only structure XLA can host-offload residuals of).
+        step_ckpt = jax.checkpoint(step, policy=resolve_policy(remat_policy), prevent_cse=False)
+        return lax.scan(step_ckpt, carry, xs, length=n, unroll=unroll)
 
     def group(c, xg):
         return lax.scan(step, c, xg, unroll=min(unroll, group_size))

@@ -171,15 +171,14 @@ def ttt_linear(
 
     if segment_ids is not None:
 
-        def const_reads(qb, kb, vb, eb, band):  # blocks [B, N, H, C, D] reading (W1, b1)
+        def const_reads(qc, kw, vw, ew, band):  # reading (W1, b1): queries [B, H, C, D], window 2C
             w, bias = W1.astype(state_dtype), b1.astype(state_dtype).astype(acc)[:, None]
-            z = matmul("bnhcd,hde->bnhce", kb, w, cd) + bias
-            target = vb.astype(acc) - kb.astype(acc)
+            z = matmul("bhcd,hde->bhce", kw, w, cd) + bias
+            target = vw.astype(acc) - kw.astype(acc)
             g = layer_norm_l2_grad(z, target, ln_scale, ln_bias)
-            e_own, e_prev = band_rates(eb.astype(acc), band)
-            z_bar = matmul("bnhcd,hde->bnhce", qb, w, cd) + bias
-            z_bar = z_bar - band_dual(qb, kb, g, e_own, e_prev, cd)
-            return qb.astype(acc) + layer_norm(z_bar, ln_scale, ln_bias)
+            e = band_rates(ew.astype(acc), band)
+            z_bar = matmul("bhcd,hde->bhce", qc, w, cd) + bias - band_dual(qc, kw, g, e, cd)
+            return qc.astype(acc) + layer_norm(z_bar, ln_scale, ln_bias)
 
         reset = TTTLinearState(
             W1=jnp.broadcast_to(W1, state.W1.shape).astype(state_dtype),

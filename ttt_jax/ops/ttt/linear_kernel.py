@@ -26,10 +26,11 @@ Memory (bytes), N = ceil(T / C) mini-batches, s = bytes of the compute dtype:
   q, k, v, eta (one mini-batch longer) are made and kept.
 
 Interpret mode (`impl="pallas_interpret"`, the CPU tests) runs the same kernel bodies through the
-Pallas interpreter, which cannot reach: the Triton lowering and compilation, the bf16 tensor-core
-MMAs and their rounding, `num_warps` / `num_stages`, the CTA barrier that orders the scratch's
-writes and reads, and 64-bit addressing of inputs over 4 GiB. The GPU test
-(`tests/test_ttt_linear_kernel_gpu.py`) covers those.
+Pallas interpreter, which cannot reach: the Triton compilation (PTX, registers, shared memory),
+the bf16 tensor-core MMAs and their rounding, `num_warps` / `num_stages`, the CTA barrier that
+orders the scratch's writes and reads, and 64-bit addressing of inputs over 4 GiB. The lowering
+to Triton IR itself does run on the CPU (`lower(lowering_platforms=("cuda",))`, tested); the GPU
+test (`tests/test_ttt_linear_kernel_gpu.py`) covers the rest.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def resolve_impl(impl: str, q, mini_batch_size: int, state_dtype, segment_ids=No
 
 
 def launch_defaults(d: int) -> tuple[int, int]:
-    """`(num_warps, num_stages)` per head dim (measured on an H100: benchmarks/RESULTS.md)."""
+    """`(num_warps, num_stages)` per head dim: untuned first guesses (no GPU run has tuned them
+    yet; `benchmarks/bench_ttt_kernel.py --sweep` measures the candidates)."""
     return {16: (2, 2), 32: (2, 2), 64: (4, 2), 128: (8, 2)}[d]
 
 

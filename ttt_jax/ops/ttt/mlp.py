@@ -151,22 +151,22 @@ def ttt_mlp(
 
     if segment_ids is not None:
 
-        def const_reads(qb, kb, vb, eb, band):  # blocks [B, N, H, C, D] reading W1, .., b2
+        def const_reads(qc, kw, vw, ew, band):  # reading W1..b2: queries [B, H, C, D], window 2C
             w1, w2 = W1.astype(state_dtype), W2.astype(state_dtype)
             b1c = b1.astype(state_dtype).astype(acc)[:, None]
             b2c = b2.astype(state_dtype).astype(acc)[:, None]
-            z1 = matmul("bnhcd,hdf->bnhcf", kb, w1, cd) + b1c
+            z1 = matmul("bhcd,hdf->bhcf", kw, w1, cd) + b1c
             x2 = gelu_tanh(z1)
-            z2 = matmul("bnhcf,hfd->bnhcd", x2, w2, cd) + b2c
-            target = vb.astype(acc) - kb.astype(acc)
+            z2 = matmul("bhcf,hfd->bhcd", x2, w2, cd) + b2c
+            target = vw.astype(acc) - kw.astype(acc)
             g2 = layer_norm_l2_grad(z2, target, ln_scale, ln_bias)
-            g1 = matmul("bnhcd,hfd->bnhcf", g2, w2, cd) * gelu_tanh_grad(z1)
-            e_own, e_prev = band_rates(eb.astype(acc), band)
-            z1_bar = matmul("bnhcd,hdf->bnhcf", qb, w1, cd) + b1c
-            x2_bar = gelu_tanh(z1_bar - band_dual(qb, kb, g1, e_own, e_prev, cd))
-            z2_bar = matmul("bnhcf,hfd->bnhcd", x2_bar, w2, cd) + b2c
-            z2_bar = z2_bar - band_dual(x2_bar, x2, g2, e_own, e_prev, cd)
-            return qb.astype(acc) + layer_norm(z2_bar, ln_scale, ln_bias)
+            g1 = matmul("bhcd,hfd->bhcf", g2, w2, cd) * gelu_tanh_grad(z1)
+            e = band_rates(ew.astype(acc), band)
+            z1_bar = matmul("bhcd,hdf->bhcf", qc, w1, cd) + b1c
+            x2_bar = gelu_tanh(z1_bar - band_dual(qc, kw, g1, e, cd))
+            z2_bar = matmul("bhcf,hfd->bhcd", x2_bar, w2, cd) + b2c
+            z2_bar = z2_bar - band_dual(x2_bar, x2, g2, e, cd)
+            return qc.astype(acc) + layer_norm(z2_bar, ln_scale, ln_bias)
 
         reset = TTTMLPState(
             *(

@@ -32,6 +32,7 @@ slot outputs are two `[N, B, H, C, D]` arrays (own tokens, tails) and the scan r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,76 +46,88 @@ from ttt_jax.ops.core.segments import doc_spans, gather_time, scatter_time, slot
 
 
 class Band(NamedTuple):
-    """Within-document pairs of the constant readers, in blocks of C tokens from position 0.
+    """The constant readers of one block of C tokens and the window they read from.
+
+    Block n holds tokens `[n C, (n + 1) C)`; its window is the block before it and itself,
+    `[(n - 1) C, (n + 1) C)` (2C tokens, zeros before position 0), which holds every earlier
+    token of any document shorter than C that has a token in block n.
 
     Attributes:
-      own: `[B, N, 1, C, C]` float, 1 where token i of block n reads token j <= i of the same
-        block (same document, i in a short document).
-      prev: `[B, N, 1, C, C]` float, the same for token j of block n - 1.
-      scale: `[B, N, 1, C]` `token_scale` at each reader's position in its document (0 for
-        tokens that are not constant readers).
+      pairs: `[B, 1, C, 2C]` float, 1 where token i of the block reads window token j (same
+        document, j not after i, i a constant reader).
+      scale: `[B, 1, C]` `token_scale` at each reader's position in its document (0 for tokens
+        that are not constant readers).
     """
 
-    own: jax.Array
-    prev: jax.Array
+    pairs: jax.Array
     scale: jax.Array
 
 
-def to_blocks(x: jax.Array, c: int) -> jax.Array:
-    """`[B, T, H, ...]` -> `[B, N, H, C, ...]`, zero-padded to `N = ceil(T / C)` blocks."""
-    b, t = x.shape[:2]
-    n = -(-t // c)
-    x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.swapaxes(x.reshape(b, n, c, *x.shape[2:]), 2, 3)
+def band_rates(eta: jax.Array, band: Band) -> jax.Array:
+    """`E[i, j] = token_scale[pos_i] * eta[j]` on the band: window rates `eta: [B, H, 2C]` ->
+    `E: [B, H, C, 2C]`."""
+    return band.scale[..., None] * band.pairs * eta[..., None, :]
 
 
-def from_blocks(x: jax.Array, t: int) -> jax.Array:
-    """Inverse of `to_blocks`: `[B, N, H, C, ...]` -> `[B, T, H, ...]`."""
-    b, n, h, c = x.shape[:4]
-    return jnp.swapaxes(x, 2, 3).reshape(b, n * c, h, *x.shape[4:])[:, :t]
+def band_dual(a, b, g, e, compute_dtype) -> jax.Array:
+    """`sum_j E[i, j] (a_i . b_j + 1) g_j`: the dual-form correction of one inner layer for
+    the block's queries `a: [B, H, C, X]` from the window's `b: [B, H, 2C, X]` and
+    `g: [B, H, 2C, Y]` (`E` from `band_rates`)."""
+    attn = e * (matmul("bhix,bhjx->bhij", a, b, compute_dtype) + 1.0)
+    return matmul("bhij,bhjy->bhiy", attn, g, compute_dtype)
 
 
-def prev_block(x: jax.Array) -> jax.Array:
-    """Block n - 1 at block n along axis 1 (zeros at block 0)."""
-    return jnp.pad(x, [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2))[:, :-1]
+def _const_reads_scan(
+    const_reads, xs, spans, reader, token_scale, c, *, checkpoint_group, remat_policy, unroll
+):
+    """The constant readers' outputs `[B, T, H, D]` (zeros elsewhere): a scan over blocks of C,
+    each reading its window (`Band`), skipped where no row has a reader in the block."""
+    b, t = reader.shape
+    nb = -(-t // c)
 
+    def pad(x, fill=0):  # one block of padding before position 0, the last block filled up
+        widths = [(0, 0), (c, nb * c - t)] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(x, widths, constant_values=fill)
 
-def band_rates(eta: jax.Array, band: Band) -> tuple[jax.Array, jax.Array]:
-    """`E[i, j] = token_scale[pos_i] * eta[j]` on the band: `eta: [B, N, H, C]` ->
-    `(E_own, E_prev)`, each `[B, N, H, C, C]` (pairs within block n, and with block n - 1)."""
-    scale = band.scale[..., None]
-    return scale * band.own * eta[..., None, :], scale * band.prev * prev_block(eta)[..., None, :]
+    # Padding has start -1: never a reader's document (a reader's document starts after 0).
+    start, is_reader, pos = pad(spans.start, -1), pad(reader, False), pad(spans.within)
+    xs = tuple(pad(x) for x in xs)
+    causal = jnp.arange(2 * c)[None, :] <= c + jnp.arange(c)[:, None]  # [C, 2C]
 
+    def block(_, n):
+        def window(x, length=2 * c, at=0):
+            return lax.dynamic_slice_in_dim(x, n * c + at, length, axis=1)
 
-def band_dual(a, b, g, e_own, e_prev, compute_dtype) -> jax.Array:
-    """`sum_j E[i, j] (a_i . b_j + 1) g_j` over the band: the dual-form correction of one inner
-    layer (`a, b: [B, N, H, C, X]`, `g: [B, N, H, C, Y]`, `E` from `band_rates`)."""
-    cd = compute_dtype
-    attn_own = e_own * (matmul("bnhix,bnhjx->bnhij", a, b, cd) + 1.0)
-    attn_prev = e_prev * (matmul("bnhix,bnhjx->bnhij", a, prev_block(b), cd) + 1.0)
-    return matmul("bnhij,bnhjy->bnhiy", attn_own, g, cd) + matmul(
-        "bnhij,bnhjy->bnhiy", attn_prev, prev_block(g), cd
-    )
+        s_win, s_own = window(start), window(start, c, c)
+        own_reader = window(is_reader, c, c)
+        pairs = (s_own[:, :, None] == s_win[:, None, :]) & causal & own_reader[..., None]
+        scale = jnp.where(own_reader, token_scale[jnp.clip(window(pos, c, c), 0, c - 1)], 0.0)
+        band = Band(
+            pairs=pairs[:, None].astype(token_scale.dtype),
+            scale=scale[:, None].astype(token_scale.dtype),
+        )
+        q_own = jnp.swapaxes(window(xs[0], c, c), 1, 2)
+        k_win, v_win, eta_win = (jnp.swapaxes(window(x), 1, 2) for x in xs[1:])
+        return None, const_reads(q_own, k_win, v_win, eta_win, band)
 
+    struct = jax.eval_shape(block, None, 0)[1]
 
-def _band(spans, short: jax.Array, token_scale: jax.Array, c: int) -> Band:
-    t = short.shape[1]
-    n = -(-t // c)
+    def maybe_block(_, x):
+        n, needed = x
+        zeros = functools.partial(jnp.zeros, struct.shape, struct.dtype)
+        return None, lax.cond(needed, lambda: block(None, n)[1], zeros)
 
-    def blocks(x, fill):
-        return jnp.pad(x, [(0, 0), (0, n * c - t)], constant_values=fill).reshape(-1, n, c)
-
-    start = blocks(spans.start, -1)
-    reader = blocks(short, False)
-    same_own = (start[..., :, None] == start[..., None, :]) & jnp.tril(jnp.ones((c, c), bool))
-    # Block 0 has no previous block (prev_block fills it with start 0: no reader's start).
-    same_prev = start[..., :, None] == prev_block(start)[..., None, :]
-    same_prev = same_prev & (jnp.arange(n) > 0)[None, :, None, None]
-    own = (same_own & reader[..., :, None]).astype(token_scale.dtype)
-    prev = (same_prev & reader[..., :, None]).astype(token_scale.dtype)
-    pos = jnp.clip(blocks(spans.within, 0), 0, c - 1)
-    scale = jnp.where(reader, token_scale[pos], 0.0).astype(token_scale.dtype)
-    return Band(own=own[:, :, None], prev=prev[:, :, None], scale=scale[:, :, None])
+    needed = jnp.any(pad(reader, False)[:, c:].reshape(b, nb, c), axis=(0, 2))
+    _, out = chunked_scan(
+        maybe_block,
+        None,
+        (jnp.arange(nb), needed),
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        unroll=unroll,
+    )  # [N, B, H, C, D]
+    out = jnp.swapaxes(jnp.moveaxis(out, 0, 1), 2, 3)
+    return out.reshape(b, nb * c, *out.shape[3:])[:, :t]
 
 
 def run_packed(
@@ -173,15 +186,21 @@ def run_packed(
         return jnp.zeros(out_struct.shape, out_struct.dtype)
 
     def slot(s, x):
-        own, tail_j, reset_j, has_own, has_tail = x
-        out_tail = lax.cond(has_tail, lambda: step(s, take(tail_j))[1], zeros_out)
+        own, tail, reset_j, has_own, has_tail = x
+        out_tail = lax.cond(has_tail, lambda: step(s, tail)[1], zeros_out)
         s_in = jax.tree.map(
             lambda r, w: jnp.where(reset_j.reshape(-1, *[1] * (w.ndim - 1)), r, w), reset, s
         )
-        s_new, out_own = lax.cond(
-            has_own, lambda: step(s_in, own), lambda: (s_in, zeros_out())
-        )
+        s_new, out_own = lax.cond(has_own, lambda: step(s_in, own), lambda: (s_in, zeros_out()))
         return s_new, (out_own, out_tail)
+
+    def slots(idx):  # [B, N C] -> the tokens as the unsegmented path lays them out
+        return tuple(
+            jnp.swapaxes(
+                jnp.moveaxis(gather_time(x, idx).reshape(b, n, c, *x.shape[2:]), 1, 0), 2, 3
+            )
+            for x in xs
+        )
 
     def by_slot(idx):  # [B, N C] -> [N, B, C]
         return jnp.moveaxis(idx.reshape(b, n, c), 1, 0)
@@ -192,14 +211,9 @@ def run_packed(
 
     parts = []
     if n:
-        # The own tokens as the unsegmented path lays them out, [N, B, H, C, ...].
-        own = tuple(
-            jnp.swapaxes(jnp.moveaxis(gather_time(x, lay.delta_idx).reshape(b, n, c, *x.shape[2:]), 1, 0), 2, 3)
-            for x in xs
-        )
         scan_xs = (
-            own,
-            by_slot(tail_idx),
+            slots(lay.delta_idx),
+            slots(tail_idx),
             jnp.moveaxis(lay.keep == 0, 1, 0),
             jnp.any(by_slot(lay.delta_idx)[:, :, 0] < t, axis=1),
             jnp.any(by_slot(tail_idx)[:, :, 0] < t, axis=1),
@@ -219,14 +233,18 @@ def run_packed(
 
     # Documents with no complete mini-batch, other than the call's first.
     short = (spans.start > 0) & (spans.length < c)
-    band = _band(spans, short, token_scale, c)
-
-    def banded():
-        blocks = [to_blocks(x, c) for x in xs]
-        return from_blocks(const_reads(*blocks, band), t).astype(out.dtype)
-
-    out_short = lax.cond(jnp.any(short), banded, lambda: jnp.zeros_like(out))
-    out = out + jnp.where(short[..., None, None], out_short, 0.0)
+    out_short = _const_reads_scan(
+        const_reads,
+        xs,
+        spans,
+        short,
+        token_scale,
+        c,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        unroll=unroll,
+    )
+    out = out + jnp.where(short[..., None, None], out_short.astype(out.dtype), 0.0)
 
     # The carried state is the last document's only if it had a complete mini-batch (or is the
     # call's first); a later document without one ends where it started.

@@ -23,7 +23,7 @@ from ttt_jax.ops.ttt.common import (
 )
 from ttt_jax.ops.ttt.linear import TTTLinearState, ttt_linear
 from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
-from ttt_jax.ops.ttt.packed import band_rates, prev_block, run_packed
+from ttt_jax.ops.ttt.packed import band_rates, run_packed
 
 Inner = Callable[[dict, jax.Array], jax.Array]
 
@@ -121,26 +121,21 @@ def _primal(
             }
         )
 
-        def const_reads(qb, kb, vb, eb, band):  # blocks [B, N, H, C, D] reading the params
+        def const_reads(qc, kw, vw, ew, band):  # reading the params: queries [B, H, C, D]
             p0 = {n: p.astype(state_dtype) for n, p in params.items()}
             grad = jax.vmap(jax.grad(token_loss), in_axes=(None, None, 0, 0))  # tokens
             grad = jax.vmap(grad, in_axes=(0, 0, 0, 0))  # heads
-            for _ in range(2):  # blocks, samples
-                grad = jax.vmap(grad, in_axes=(None, None, 0, 0))
-            grads = grad(p0, heads, kb, vb)  # [B, N, H, C, ...] per token, all at p0
-            e_own, e_prev = band_rates(eb.astype(acc), band)
-
-            def weights(w, g):  # W_i = W - sum_j E[i, j] grad_j over the token's document
-                steps = jnp.einsum("bnhij,bnhj...->bnhi...", e_own, g)
-                steps = steps + jnp.einsum("bnhij,bnhj...->bnhi...", e_prev, prev_block(g))
-                return w[:, None] - steps
-
-            w_i = jax.tree.map(weights, p0, grads)
+            grad = jax.vmap(grad, in_axes=(None, None, 0, 0))  # samples
+            grads = grad(p0, heads, kw, vw)  # [B, H, 2C, ...]: the window's, all at p0
+            e = band_rates(ew.astype(acc), band)
+            # W_i = W - sum_j E[i, j] grad_j over the token's document.
+            w_i = jax.tree.map(
+                lambda w, g: w[:, None] - jnp.einsum("bhij,bhj...->bhi...", e, g), p0, grads
+            )
             read = jax.vmap(lambda w, x, h: head_norm(inner(w, x, cd), h), (0, 0, None))
             read = jax.vmap(read, in_axes=(0, 0, 0))  # heads
-            for _ in range(2):
-                read = jax.vmap(read, in_axes=(0, 0, None))
-            return qb.astype(acc) + read(w_i, qb, heads)
+            read = jax.vmap(read, in_axes=(0, 0, None))  # samples
+            return qc.astype(acc) + read(w_i, qc, heads)
 
         out, state = run_packed(
             step,
