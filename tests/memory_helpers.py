@@ -11,7 +11,7 @@ from flax import nnx
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from ttt_jax.memory.analysis import compile_lowered
-from ttt_jax.models import ModelConfig, TTTOptions, preset
+from ttt_jax.models import ModelConfig, preset
 
 
 def equations(jaxpr) -> Iterator:

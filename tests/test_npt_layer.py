@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from ttt_jax.layers.common import BF16
-from ttt_jax.ops.core import rms_norm
 from ttt_jax.layers.npt_block import NPTBlock, NPTBlockConfig, causal_attention
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
+from ttt_jax.ops.core import rms_norm
 from ttt_jax.ops.rope import rope
 
 HI = jax.lax.Precision.HIGHEST

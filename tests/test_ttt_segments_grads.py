@@ -82,17 +82,12 @@ def per_document_errors(g_packed, g_alone):
     return token_err, weight_err
 
 
-# Compiling the gradient of every document alone is the slow part (~20-60 s a case on 2
-# shared cores): one fp32 case per family runs by default, the others are marked slow.
-SLOW = pytest.mark.slow
-
-
 @pytest.mark.parametrize(
     "dtype, initial, group",
     [
         (np.float32, True, 2),
-        pytest.param(np.float32, False, None, marks=SLOW),
-        pytest.param(np.float64, True, None, marks=SLOW),
+        (np.float32, False, None),
+        (np.float64, True, None),
     ],
 )
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
@@ -113,7 +108,6 @@ def test_packed_gradient_is_the_sum_of_the_documents(inner, dtype, initial, grou
     assert all(np.any(g != 0) for g in jax.tree.leaves(g_packed[2]))
 
 
-@SLOW
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 def test_memory_knobs_leave_the_gradient(inner):
     base = grads(inner, np.float32, True, 2, None, "packed")

@@ -144,15 +144,8 @@ class ModelConfig:
     @property
     def shared(self) -> Shared:
         """What the model gives each of its layers (`ttt_jax.models.options.Shared`)."""
-        return Shared(
-            d_model=self.d_model,
-            num_heads=self.num_heads,
-            d_ff=self.d_ff,
-            precision=self.mixed_precision,
-            window=self.window,
-            rope_theta=self.rope_theta,
-            attention_impl=self.attention_impl,
-        )
+        same = {f.name: getattr(self, f.name) for f in dataclasses.fields(Shared)}
+        return Shared(**dict(same, precision=self.mixed_precision))
 
     def layer_config(self, name: str) -> Any:
         """The layer config of the mixer or MLP `name` (`ttt_jax.models.registry`) in this model."""

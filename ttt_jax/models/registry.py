@@ -114,17 +114,9 @@ def _attention_flops(c: AttentionConfig, t: int) -> float:
     return 4.0 * keys * c.d_model
 
 
-def _ttt(inner: str):
-    def config(s: Shared, o: TTTOptions) -> TTTConfig:
-        return TTTConfig(
-            d_model=s.d_model,
-            num_heads=s.num_heads,
-            inner=inner,
-            precision=s.precision,
-            **dataclasses.asdict(o),
-        )
-
-    return config
+def _shared(s: Shared, *names: str) -> dict[str, Any]:
+    """The named fields of `Shared`, as keyword arguments of a layer config."""
+    return {name: getattr(s, name) for name in names}
 
 
 def _ttt_flops(c: TTTConfig, t: int) -> float:
@@ -136,6 +128,23 @@ def _ttt_flops(c: TTTConfig, t: int) -> float:
     return c.num_heads * (3 * 2 * inner_params + 4 * c.mini_batch_size * d)
 
 
+def _ttt_family(inner: str, fast_weights: tuple[str, ...]) -> Family:
+    def config(s: Shared, o: TTTOptions) -> TTTConfig:
+        fields = _shared(s, "d_model", "num_heads", "precision")
+        return TTTConfig(inner=inner, **fields, **dataclasses.asdict(o))
+
+    return Family(
+        TTTLayer,
+        config,
+        options="ttt",
+        recurrent=True,
+        chunk_field="mini_batch_size",
+        resets_at_segments=False,
+        fast_weights=fast_weights,
+        flops=_ttt_flops,
+    )
+
+
 def _lact(s: Shared, o: LaCTOptions) -> LaCTConfig:
     heads = s.num_heads if o.num_fw_heads is None else o.num_fw_heads
     rank = o.rank
@@ -143,15 +152,8 @@ def _lact(s: Shared, o: LaCTOptions) -> LaCTConfig:
         # Capped at the fast weight's widths (LaCTOptions); LaCTConfig checks everything else.
         width = s.d_model // heads
         rank = min(rank, width if o.fw_hidden is None else min(o.fw_hidden, width))
-    fields = dict(dataclasses.asdict(o), num_fw_heads=heads, rank=rank)
-    return LaCTConfig(
-        d_model=s.d_model,
-        num_heads=s.num_heads,
-        rope_theta=s.rope_theta,
-        attention_impl=s.attention_impl,
-        precision=s.precision,
-        **fields,
-    )
+    shared = _shared(s, "d_model", "num_heads", "rope_theta", "attention_impl", "precision")
+    return LaCTConfig(**shared, **dict(dataclasses.asdict(o), num_fw_heads=heads, rank=rank))
 
 
 def _lact_flops(c: LaCTConfig, t: int) -> float:
@@ -164,13 +166,11 @@ def _lact_flops(c: LaCTConfig, t: int) -> float:
 
 def _swiglu(s: Shared, options: None) -> SwiGLUConfig:
     del options
-    return SwiGLUConfig(d_model=s.d_model, d_ff=s.d_ff, precision=s.precision)
+    return SwiGLUConfig(**_shared(s, "d_model", "d_ff", "precision"))
 
 
 def _inplace(s: Shared, o: InPlaceOptions) -> InPlaceMLPConfig:
-    return InPlaceMLPConfig(
-        d_model=s.d_model, d_ff=s.d_ff, precision=s.precision, **dataclasses.asdict(o)
-    )
+    return InPlaceMLPConfig(**_shared(s, "d_model", "d_ff", "precision"), **dataclasses.asdict(o))
 
 
 def _inplace_flops(c: InPlaceMLPConfig, t: int) -> float:
@@ -180,35 +180,15 @@ def _inplace_flops(c: InPlaceMLPConfig, t: int) -> float:
 
 
 def _npt(s: Shared, o: NPTOptions) -> NPTMLPConfig:
-    return NPTMLPConfig(
-        d_model=s.d_model, d_ff=s.d_ff, precision=s.precision, **dataclasses.asdict(o)
-    )
+    return NPTMLPConfig(**_shared(s, "d_model", "d_ff", "precision"), **dataclasses.asdict(o))
 
 
 MIXERS: dict[str, Family] = {
     "attention": Family(
         Attention, _attention, inputs=("positions", "segment_ids"), flops=_attention_flops
     ),
-    "ttt_linear": Family(
-        TTTLayer,
-        _ttt("linear"),
-        options="ttt",
-        recurrent=True,
-        chunk_field="mini_batch_size",
-        resets_at_segments=False,
-        fast_weights=("W1", "b1"),
-        flops=_ttt_flops,
-    ),
-    "ttt_mlp": Family(
-        TTTLayer,
-        _ttt("mlp"),
-        options="ttt",
-        recurrent=True,
-        chunk_field="mini_batch_size",
-        resets_at_segments=False,
-        fast_weights=("W1", "b1", "W2", "b2"),
-        flops=_ttt_flops,
-    ),
+    "ttt_linear": _ttt_family("linear", ("W1", "b1")),
+    "ttt_mlp": _ttt_family("mlp", ("W1", "b1", "W2", "b2")),
     "lact": Family(
         LaCTLayer,
         _lact,

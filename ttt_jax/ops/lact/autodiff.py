@@ -3,7 +3,7 @@
 `autodiff_reads` is the plain form (`backward="autodiff"`): the sequence is reshaped into
 chunks and `chunked_scan` runs `chunk_step` over them, so JAX differentiates the scan and keeps
 every chunk's activations (`[B, H, C, Dh]` arrays, a dozen per chunk) unless
-`checkpoint_group` rematerialises them. `lact_vjp.py` holds the memory-lean custom backward.
+`checkpoint_group` rematerialises them. `vjp.py` holds the memory-lean custom backward.
 
 Both forms read a trailing partial chunk (`T mod C` tokens) with the state after the last
 complete chunk and never update the state with it (SPEC 2). Reading is per token (no mixing
@@ -46,8 +46,8 @@ def autodiff_reads(
     """LaCT over `n` complete chunks and the partial rest, for plain autodiff.
 
     Args:
-      state: `(ws, ms)` entering the first chunk (`lact_math.FastState`).
-      inputs: the whole sequence, `[B, T, H, ...]` (`lact_math.Chunk`).
+      state: `(ws, ms)` entering the first chunk (`math.FastState`).
+      inputs: the whole sequence, `[B, T, H, ...]` (`math.Chunk`).
       ref_norms: row norms of the slow weights (weight-norm targets).
       n: number of complete chunks, `T // C`.
       cfg: static settings; `checkpoint_group` and `remat_policy` go to `chunked_scan`.

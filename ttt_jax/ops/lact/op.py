@@ -2,12 +2,13 @@
 
 Per sample and head a SwiGLU fast weight `f(x) = w1 (silu(w0 x) * (w2 x))` is read by every
 token of a chunk of C tokens (default 2048) and then takes one step on the chunk's keys and
-values (`lact_math.py`: the math; optional momentum, Muon and weight norm). Files:
+values (`math.py`: the math; optional momentum, Muon and weight norm). The family's files:
 
-- `lact_math.py`: one chunk's read and inner step, batched over samples and heads;
-- `lact_scan.py`: chunk slicing and the plain-autodiff form (`backward="autodiff"`);
-- `lact_vjp.py`: the custom VJP that keeps only chunk-boundary states (`backward="custom"`);
-- this file: the public op, its state, argument checks, and the low-rank initial weights.
+- `math.py`: one chunk's read and inner step, batched over samples and heads;
+- `autodiff.py`: chunk slicing and the plain-autodiff form (`backward="autodiff"`);
+- `vjp.py`: the custom VJP that keeps only chunk-boundary states (`backward="custom"`);
+- `op.py` (this file): the public op, its state, argument checks, and the low-rank initial
+  weights.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ttt_jax.ops.core.checks import (
     check_positive_int,
     check_shapes,
 )
-from ttt_jax.ops.core.numerics import wide_dtype
+from ttt_jax.ops.core.numerics import matmul, wide_dtype
 from ttt_jax.ops.core.scan import check_scan_knobs
 from ttt_jax.ops.lact.math import NAMES, Chunk, ChunkConfig, row_norms
 from ttt_jax.ops.lact.vjp import lact_reads
@@ -167,9 +168,9 @@ def lact_swiglu(
         state and the backward rebuilds the others; with "autodiff" the scan rematerialises
         groups of G chunks (`ttt_jax.ops.core.scan`). None: every state saved / no remat.
       remat_policy: what an autodiff remat group keeps (`ttt_jax.ops.core.remat`; tags in
-        `lact_math.NAMES`); the custom backward keeps nothing but states either way.
+        `ttt_jax.ops.lact.NAMES`); the custom backward keeps nothing but states either way.
       state_dtype: dtype of the fast weights, momentum and updates (fp32 by default).
-      backward: "custom" (the memory-lean `jax.custom_vjp`, `lact_vjp.py`) or "autodiff".
+      backward: "custom" (the memory-lean `jax.custom_vjp`, `vjp.py`) or "autodiff".
       debug: check that q, k, v, the rates and momentum are finite (`checkify.check`: wrap a
         jitted caller in `checkify.checkify`; eager calls raise at once).
 
@@ -253,7 +254,5 @@ def lact_low_rank_weight(w_left: jax.Array, w_right: jax.Array) -> jax.Array:
             f"min({dims['R']}, {dims['S']}): got w_left {w_left.shape}, w_right {w_right.shape}"
         )
     dtype = jnp.result_type(w_left, w_right)
-    product = jnp.einsum(
-        "hrk,hks->hrs", w_left, w_right, precision=jax.lax.Precision.HIGHEST
-    ).astype(dtype)
+    product = matmul("hrk,hks->hrs", w_left, w_right, dtype).astype(dtype)
     return product + LOW_RANK_IDENTITY * jnp.eye(dims["R"], dims["S"], dtype=dtype)

@@ -156,7 +156,7 @@ _custom.defvjp(_custom_fwd, _custom_bwd)
 def lact_reads(
     state: FastState, inputs: Chunk, ref_norms, *, n: int, cfg: ChunkConfig, backward: str
 ) -> tuple[jax.Array, FastState]:
-    """Every token's read of the fast weight, chunk by chunk (`lact_math` for the math).
+    """Every token's read of the fast weight, chunk by chunk (`math.py` for the math).
 
     Args:
       state: `(ws, ms)` entering the first chunk, state dtype.
@@ -164,7 +164,7 @@ def lact_reads(
       ref_norms: `(n0, n1, n2)` row norms of the slow weights (`[H, Dh]`, `[H, D]`, `[H, Dh]`).
       n: complete chunks, `T // C`.
       cfg: static settings.
-      backward: "custom" (this module's VJP) or "autodiff" (`lact_scan.autodiff_reads`).
+      backward: "custom" (this module's VJP) or "autodiff" (`autodiff.autodiff_reads`).
 
     Returns:
       `o: [B, T, H, D]` in q's dtype and the state after the last complete chunk.
