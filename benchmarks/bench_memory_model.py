@@ -87,7 +87,7 @@ def measure(workload, program_name: str, batch: int, seq: int) -> dict:
     program = workload.programs(batch, seq)[program_name]
     t0 = time.perf_counter()
     jitted = jax.jit(program.fn, donate_argnums=program.donate_argnums)
-    # The fast CPU options change nothing but compile time (tests/test_memory_report.py).
+    # The fast CPU options change nothing but compile time (tests/memory/test_memory_report.py).
     compiled = compile_lowered(jitted.lower(*program.args))
     planned = CompiledMemory.of(compiled)
     out = dict(

@@ -11,7 +11,8 @@ What differs in fla (timed like for like, not equal in meaning): its q is scaled
 eta is one per token ([B, T, H, 1], bf16 here) and the update uses the chunk's last eta (ours:
 per source token times `token_scale`), its residual `o + GroupNorm(o)` is applied outside its
 autograd function (timed here, with it), and K must equal V. Its initial state and bias are
-passed (fp32), as ours are.
+passed (fp32), as ours are; its LayerNorm weight and bias are bf16 (fp32 ones do not compile in
+its backward).
 
     # on the device, with the fla-core 0.6.0 wheel carried as .whl (benchmarks/RESULTS.md)
     PYTHONPATH=/tmp/site:. python3 benchmarks/bench_ttt_kernel.py --out $OUT/ttt_kernel.json
@@ -126,8 +127,10 @@ def bench_fla(shape, iters, modes) -> dict:
 
     q, k, v = (rnd(b, t, h, d) for _ in range(3))
     eta = 0.01 * torch.sigmoid(rnd(b, t, h, 1, dtype=torch.float32)).to(bf16)
-    w = 1.0 + rnd(h, d, dtype=torch.float32, scale=0.1)
-    bias = rnd(h, d, dtype=torch.float32, scale=0.1)
+    # fla's LayerNorm weight and bias must be in the activations' dtype: with fp32 ones its
+    # backward norm kernel does not compile (a loop carry re-assigned fp32 -> bf16, triton 3.6).
+    w = (1.0 + rnd(h, d, dtype=torch.float32, scale=0.1)).to(bf16)
+    bias = rnd(h, d, scale=0.1)
     h0 = rnd(b, h, d, d, dtype=torch.float32, scale=0.02)
     hb0 = rnd(b, h, 1, d, dtype=torch.float32, scale=0.02)
     leaves = [q, k, v, w, bias, eta, h0, hb0]

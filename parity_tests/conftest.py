@@ -3,13 +3,8 @@
 Tests marked `gpu` compare bf16 JAX on a GPU with the fp32 reference; elsewhere they skip.
 """
 
-import sys
-from pathlib import Path
-
 import jax
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -44,13 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from convert import state_to_torch, to_numpy, to_torch
-from test_inplace_parity import make_segments, middle_tau
-from test_npt_parity import JAX_OPS as NPT_OPS
-from test_npt_parity import ORDER as NPT_ORDER
-from test_npt_parity import TORCH_OPS as NPT_REF_OPS
 
 import ttt_torch_ref
+from parity_tests.convert import state_to_torch, to_numpy, to_torch
+from parity_tests.test_inplace_parity import make_segments, middle_tau
+from parity_tests.test_npt_parity import JAX_OPS as NPT_OPS
+from parity_tests.test_npt_parity import ORDER as NPT_ORDER
+from parity_tests.test_npt_parity import TORCH_OPS as NPT_REF_OPS
 from ttt_jax.memory.analysis import compile_lowered
 from ttt_jax.ops import (
     InPlaceState,

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from convert import inplace_mlp_to_torch, state_to_torch, to_numpy, to_torch
 from flax import nnx
 
 import ttt_torch_ref
+from parity_tests.convert import inplace_mlp_to_torch, state_to_torch, to_numpy, to_torch
 from ttt_jax.layers import InPlaceMLP, InPlaceMLPConfig
 from ttt_jax.ops import InPlaceState, inplace_ttt
 from ttt_jax.testing import GPU_BF16_TOL, LAYER_TOL, OP_TOL, rel_err

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from convert import lact_layer_to_torch, lact_state_to_torch, to_numpy, to_torch
 from flax import nnx
 
+from parity_tests.convert import lact_layer_to_torch, lact_state_to_torch, to_numpy, to_torch
 from ttt_jax.layers import BF16, LaCTConfig, LaCTLayer, MixedPrecision
 from ttt_jax.ops.lact.op import LaCTState
 from ttt_jax.testing import GPU_BF16_TOL, LAYER_TOL, rel_err

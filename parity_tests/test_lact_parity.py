@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from convert import lact_state_to_torch, to_numpy, to_torch
 
 import ttt_torch_ref
+from parity_tests.convert import lact_state_to_torch, to_numpy, to_torch
 from ttt_jax.ops.lact.op import LaCTState, lact_swiglu
 from ttt_jax.testing import GPU_BF16_TOL, OP_TOL, rel_err
 
@@ -178,7 +178,7 @@ def test_op_parity_bf16_gpu(mom, muon, muon_dtype):
     names = ("q", "k", "v", "lr0", "lr1", "lr2")
     # Both sides get the same values: q, k, v rounded to bf16 (the reference computes on them in
     # fp32). Feeding the reference the unrounded values would add the input rounding, which
-    # Muon amplifies to 1-2e-2 on its own (tests/test_lact_muon_dtype.py).
+    # Muon amplifies to 1-2e-2 on its own (tests/ops/lact/test_lact_muon_dtype.py).
     x = {n: x[n].astype(jnp.bfloat16) if n in ("q", "k", "v") else x[n] for n in x}
     o, s = lact_swiglu(
         *(x[n] for n in names),

@@ -10,10 +10,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 import torch
-from convert import jax_param_names, npt_block_to_torch, npt_mlp_to_torch, to_numpy, to_torch
 from flax import nnx
 
 import ttt_torch_ref
+from parity_tests.convert import (
+    jax_param_names,
+    npt_block_to_torch,
+    npt_mlp_to_torch,
+    to_numpy,
+    to_torch,
+)
 from ttt_jax.layers import NPTMLP, NPTBlock, NPTBlockConfig, NPTMLPConfig
 from ttt_jax.ops import npt_generated_rank_k_linear, npt_modulated_linear, npt_rank_k_linear
 from ttt_jax.testing import GPU_BF16_TOL, LAYER_TOL, OP_TOL, rel_err

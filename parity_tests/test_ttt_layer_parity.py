@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 import torch
-from convert import to_numpy, to_torch, ttt_layer_to_torch
 from flax import nnx
 
+from parity_tests.convert import to_numpy, to_torch, ttt_layer_to_torch
 from ttt_jax.layers import TTTConfig, TTTLayer
 from ttt_jax.testing import GPU_BF16_TOL, LAYER_TOL, rel_err
 

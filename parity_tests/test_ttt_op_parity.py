@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from convert import state_to_torch, to_numpy, to_torch
 
 import ttt_torch_ref
+from parity_tests.convert import state_to_torch, to_numpy, to_torch
 from ttt_jax.ops import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
 from ttt_jax.testing import GPU_BF16_TOL, OP_TOL, rel_err
 

@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 fake CPU devices (tests/test_train_sharding.py): one train step
+"""Run in a subprocess with 8 fake CPU devices (tests/train/test_train_sharding.py): one train step
 on a (data=2, fsdp=2, tensor=2) mesh against the same step on one device; prints JSON."""
 
 from __future__ import annotations

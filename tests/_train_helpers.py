@@ -12,14 +12,17 @@ import subprocess
 import sys
 import tempfile
 
+# The repository root: `train` is a top-level folder, not an installed package (pytest has the
+# root on sys.path through `pythonpath`; subprocesses get it through PYTHONPATH, `env`).
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `train` is a top-level folder, not an installed package
-    sys.path.insert(0, str(ROOT))
 
 # One XLA compilation cache for the whole test session: runs of the same config (most of them)
 # compile once.
 CACHE = pathlib.Path(tempfile.mkdtemp(prefix="ttt-jax-test-xla-cache-"))
 atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
+
+# Root without the capabilities that bypass file permissions obeys them like any user.
+DROP_CAPS = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 
 MICRO_ARGS = [
     "--model.d-model", "32", "--model.num-heads", "2", "--model.d-ff", "64",

@@ -1,7 +1,7 @@
 """The one error path of the command lines (`ttt_jax.cli`): the project's own ValueErrors are
 one line on stderr naming the flag, exit 2, no traceback; a ValueError raised inside a library
 keeps its traceback. `python -m ttt_jax.memory`: every bad budget, size and knob is such a line
-(`python -m train`: tests/test_train_config.py)."""
+(`python -m train`: tests/train/test_train_config.py)."""
 
 from __future__ import annotations
 

@@ -37,8 +37,8 @@ PUBLIC = {
         "check_shapes", "check_state_type",
     ],
     "ttt_jax.ops.ttt": [
-        "NAMES", "TTTLinearState", "TTTMLPState", "ttt_linear", "ttt_linear_primal", "ttt_mlp",
-        "ttt_mlp_primal",
+        "IMPLS", "NAMES", "TTTLinearState", "TTTMLPState", "resolve_impl", "ttt_linear",
+        "ttt_linear_primal", "ttt_mlp", "ttt_mlp_primal",
     ],
     "ttt_jax.ops.lact": ["BACKWARDS", "LaCTState", "NAMES", "lact_low_rank_weight", "lact_swiglu"],
     "ttt_jax.ops.inplace": [

@@ -43,7 +43,9 @@ from ttt_jax.ops.core import (
     matmul,
 )
 from ttt_jax.ops.rope import rope
+from ttt_jax.ops.ttt import IMPLS as TTT_IMPLS
 from ttt_jax.ops.ttt import NAMES as TTT_NAMES
+from ttt_jax.ops.ttt import resolve_impl
 from ttt_jax.ops.ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
 
 # The post LayerNorm's epsilon, and the dtype it computes in whatever the compute dtype (SPEC 4).
@@ -70,6 +72,13 @@ class TTTConfig:
       remat_policy: policy name inside a remat group (`ttt_jax.ops.core.remat`).
       precision: the mixed-precision policy.
       unroll: inner scan unroll (speed only).
+      impl: TTT-Linear's implementation (`ttt_jax.ops.ttt.ttt_linear`): "auto" (the fused
+        Pallas kernel on a GPU for the calls it supports, the XLA scan elsewhere and with
+        `segment_ids`, which the kernel does not take yet), "xla", "pallas" or
+        "pallas_interpret". TTT-MLP runs the XLA scan whatever this says.
+      kernel_checkpoint_group: the kernel's state-checkpoint spacing in mini-batches (what
+        `checkpoint_group` is to the XLA scan): its backward keeps the fp32 state every this
+        many mini-batches, `B H ceil(T / (C G)) (D^2 + D) 4` bytes.
     """
 
     d_model: int
@@ -85,6 +94,8 @@ class TTTConfig:
     remat_policy: str | None = None
     precision: MixedPrecision = FP32
     unroll: int = 4
+    impl: str = "auto"
+    kernel_checkpoint_group: int = 16
 
     def __post_init__(self):
         check_positive_int("TTTConfig.d_model", self.d_model)
@@ -93,6 +104,8 @@ class TTTConfig:
         check_positive_int("TTTConfig.conv_width", self.conv_width)
         check_positive_int("TTTConfig.mlp_ratio", self.mlp_ratio)
         check_positive_int("TTTConfig.unroll", self.unroll)
+        check_positive_int("TTTConfig.kernel_checkpoint_group", self.kernel_checkpoint_group)
+        check_choice("TTTConfig.impl", self.impl, TTT_IMPLS)
         check_choice("TTTConfig.inner", self.inner, ("linear", "mlp"))
         check_choice("TTTConfig.backbone", self.backbone, ("mamba", "transformer"))
         check_scan_knobs(self.checkpoint_group, self.remat_policy)
@@ -312,7 +325,15 @@ class TTTLayer(nnx.Module):
 
     def _ttt(self, q, k, v, eta, state, segment_ids=None):
         c = self.config
-        op = ttt_linear if c.inner == "linear" else ttt_mlp
+        knobs = dict(checkpoint_group=c.checkpoint_group, remat_policy=c.remat_policy)
+        op = ttt_mlp
+        if c.inner == "linear":
+            op = ttt_linear
+            backend = resolve_impl(
+                c.impl, q, c.mini_batch_size, c.precision.state_dtype, segment_ids
+            )
+            if backend != "xla":  # the kernel's own checkpoint spacing; no remat policy
+                knobs = dict(impl=backend, checkpoint_group=c.kernel_checkpoint_group)
         return op(
             q,
             k,
@@ -325,10 +346,9 @@ class TTTLayer(nnx.Module):
             token_scale=self._token_scale(),
             initial_state=state,
             segment_ids=segment_ids,
-            checkpoint_group=c.checkpoint_group,
-            remat_policy=c.remat_policy,
             state_dtype=c.precision.state_dtype,
             unroll=c.unroll,
+            **knobs,
         )
 
     def _output(self, x, o):

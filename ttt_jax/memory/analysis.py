@@ -53,7 +53,7 @@ class CompiledMemory:
 # LLVM passes (level 0 skips their optimisations), and the legacy elemental fusion emitters
 # are much cheaper to run than the MLIR ones while taking the same fusion decisions. Measured
 # on jax 0.10.2: identical arguments, outputs and aliases, temp within 192 bytes (alignment
-# of one small buffer) on layers and models (tests/test_memory_report.py asserts it). Other
+# of one small buffer) on layers and models (tests/memory/test_memory_report.py asserts it). Other
 # backends compile exactly as for a real run.
 FAST_CPU_OPTIONS = {
     "xla_backend_optimization_level": 0,

@@ -58,7 +58,7 @@ class ModelWorkload(Workload):
     def scan_options(self) -> tuple[str, ...]:
         """The option sections (`ModelConfig.ttt`, ...) of the recurrent layers in the pattern:
         where the inner-scan knobs that act on this model live."""
-        names = {name for block in self.config.blocks for name in block}
+        names = {name for parts in self.config.parts for name in parts}
         return tuple(sorted({FAMILIES[n].options for n in names if FAMILIES[n].recurrent}))
 
     @property
@@ -116,7 +116,7 @@ class ModelWorkload(Workload):
     @property
     def seq_multiple(self) -> int:
         c = self.config
-        names = {name for block in c.blocks for name in block}
+        names = {name for parts in c.parts for name in parts}
         return math.lcm(1, *(FAMILIES[n].chunk(c.layer_config(n)) for n in names))
 
     def describe(self) -> str:

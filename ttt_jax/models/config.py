@@ -1,16 +1,26 @@
-"""The decoder LM's configuration: shape, per-layer block pattern, precision, block remat, and
-the options of each layer family (`ttt_jax.models.options`)."""
+"""The decoder LM's configuration: shape, per-layer block pattern, precision, block remat, the
+options of each layer family (`ttt_jax.models.options`), and TTT retrofitted into chosen layers
+(`ModelConfig.retrofit`, `ttt_jax.models.retrofit`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from typing import Any
 
 from ttt_jax.layers.attention import IMPLEMENTATIONS
 from ttt_jax.layers.common import MixedPrecision
-from ttt_jax.models.options import InPlaceOptions, LaCTOptions, NPTOptions, Shared, TTTOptions
+from ttt_jax.models.options import (
+    AttentionOptions,
+    InPlaceOptions,
+    LaCTOptions,
+    NPTOptions,
+    RetrofitOptions,
+    Shared,
+    TTTOptions,
+)
 from ttt_jax.models.registry import FAMILIES, MIXERS, MLPS
 from ttt_jax.ops.core import (
     check_choice,
@@ -20,6 +30,9 @@ from ttt_jax.ops.core import (
 )
 
 PRECISIONS = ("fp32", "bf16")
+
+# The mixers a retrofit can add as a gated branch: the recurrent ones (TTT-Linear, TTT-MLP, LaCT).
+BRANCHES = tuple(name for name, family in MIXERS.items() if family.recurrent)
 
 
 def parse_block(spec: str) -> tuple[str, str]:
@@ -59,9 +72,14 @@ class ModelConfig:
       precision: "bf16" (fp32 params and fast-weight state, bf16 compute) or "fp32".
       block_remat: remat policy name wrapped around each whole block (`ttt_jax.ops.core.remat`):
         none, full, dots, dots_no_batch, save_names:..., offload_names:... (block names are
-        `ttt_jax.models.block.NAMES`).
+        `ttt_jax.models.block.NAMES`). `offload_names:` reaches host memory only with two or
+        more layer groups (`num_layers > len(pattern)`): XLA drops a one-trip layer loop and
+        the offload with it, and the residuals stay on the device (H100, jax 0.11.2).
       norm_eps: RMSNorm epsilon.
       embed_std: std of the embedding (and untied head) init.
+      attention: options of attention mixers (`AttentionConfig`'s fields: num_kv_heads,
+        head_dim, qk_norm, qkv_bias, o_bias, rope_scaling, ...), all off by default; a
+        pretrained checkpoint sets them (`ttt_jax.convert`).
       ttt: options of TTT-Linear / TTT-MLP mixers (`TTTConfig`'s fields: mini_batch_size,
         checkpoint_group, remat_policy, unroll, ...).
       lact: options of LaCT mixers (`LaCTConfig`'s fields: num_fw_heads, chunk_size, window,
@@ -69,6 +87,11 @@ class ModelConfig:
       inplace: options of In-Place TTT MLPs (`InPlaceMLPConfig`'s fields: chunk_size,
         target_source, checkpoint_group, ...).
       npt: options of NPT MLPs (`NPTMLPConfig`'s fields: rank, modulation, ...).
+      retrofit: TTT in chosen layers of a pretrained model (`RetrofitOptions`): In-Place TTT or
+        NPT MLPs in place of SwiGLU ones, a gated branch after the mixer. The layer scan then
+        repeats the shortest period after which the retrofitted layers repeat too (`period`):
+        the pattern's own when they follow it (e.g. every 4th layer of a 1-block pattern
+        gives 4 blocks per scan step), all `num_layers` blocks in one step when they do not.
 
     Every family's options are validated here, once, by building its layer config
     (`layer_config`), whether or not the pattern uses the family.
@@ -88,10 +111,12 @@ class ModelConfig:
     block_remat: str = "none"
     norm_eps: float = 1e-6
     embed_std: float = 0.02
+    attention: AttentionOptions = AttentionOptions()
     ttt: TTTOptions = TTTOptions()
     lact: LaCTOptions = LaCTOptions()
     inplace: InPlaceOptions = InPlaceOptions()
     npt: NPTOptions = NPTOptions()
+    retrofit: RetrofitOptions = RetrofitOptions()
 
     def __post_init__(self):
         for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -132,6 +157,37 @@ class ModelConfig:
                 self.layer_config(name)
             except ValueError as err:
                 raise ValueError(_as_model_error(str(err), name)) from None
+        self._check_retrofit()
+
+    def _check_retrofit(self):
+        r, n = self.retrofit, self.num_layers
+        check_choice("ModelConfig.retrofit.branch", r.branch, BRANCHES)
+        for field in ("inplace_layers", "npt_layers", "branch_layers"):
+            layers = getattr(r, field)
+            if (
+                not isinstance(layers, tuple)
+                or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+                or len(set(layers)) != len(layers)
+                or any(not 0 <= i < n for i in layers)
+            ):
+                raise ValueError(
+                    f"ModelConfig.retrofit.{field} must be distinct layer indices in [0, {n}), "
+                    f"got {layers!r}"
+                )
+        both = sorted(set(r.inplace_layers) & set(r.npt_layers))
+        if both:
+            raise ValueError(
+                f"ModelConfig.retrofit: layers {both} are in both inplace_layers and npt_layers "
+                "(each replaces the layer's MLP)"
+            )
+        base = self._pattern_blocks
+        for field in ("inplace_layers", "npt_layers"):
+            for i in getattr(r, field):
+                if base[i][1] != "swiglu":
+                    raise ValueError(
+                        f"ModelConfig.retrofit.{field}: layer {i}'s MLP is {base[i][1]!r}; a "
+                        "retrofit replaces a (pretrained) 'swiglu' MLP"
+                    )
 
     @property
     def head_dim(self) -> int:
@@ -154,15 +210,47 @@ class ModelConfig:
         return family.layer_config(self.shared, options)
 
     @property
-    def blocks(self) -> tuple[tuple[str, str], ...]:
-        """`(mixer, mlp)` of every layer, in order."""
+    def _pattern_blocks(self) -> tuple[tuple[str, str], ...]:
         period = tuple(parse_block(s) for s in self.pattern)
         return period * (self.num_layers // len(period))
 
     @property
+    def blocks(self) -> tuple[tuple[str, str], ...]:
+        """`(mixer, mlp)` of every layer, in order (the retrofit's MLPs in place)."""
+        mlps = dict.fromkeys(self.retrofit.inplace_layers, "inplace_ttt")
+        mlps.update(dict.fromkeys(self.retrofit.npt_layers, "npt"))
+        return tuple((mx, mlps.get(i, mlp)) for i, (mx, mlp) in enumerate(self._pattern_blocks))
+
+    @property
+    def branches(self) -> tuple[str | None, ...]:
+        """The gated branch's mixer family of every layer (None: no branch)."""
+        branch = set(self.retrofit.branch_layers)
+        return tuple(self.retrofit.branch if i in branch else None for i in range(self.num_layers))
+
+    @property
+    def parts(self) -> tuple[tuple[str, ...], ...]:
+        """The family names in every layer's block: `(mixer, mlp)` or `(mixer, mlp, branch)`."""
+        pairs = zip(self.blocks, self.branches, strict=True)
+        return tuple(blk if b is None else (*blk, b) for blk, b in pairs)
+
+    @property
+    def period(self) -> int:
+        """Blocks per step of the layer scan: `len(pattern)`, or with a retrofit the shortest
+        multiple of it that divides `num_layers` and after which every layer's parts repeat."""
+        base, n = len(self.pattern), self.num_layers
+        if not self.retrofit.active:
+            return base
+        parts = self.parts
+        return next(
+            p
+            for p in range(base, n + 1, base)
+            if n % p == 0 and all(parts[i] == parts[i % p] for i in range(n))
+        )
+
+    @property
     def repeats(self) -> int:
-        """How many times the scan repeats the pattern."""
-        return self.num_layers // len(self.pattern)
+        """How many times the scan repeats its period (`period`)."""
+        return self.num_layers // self.period
 
 
 def _as_model_error(message: str, name: str) -> str:
@@ -183,7 +271,14 @@ def _as_model_error(message: str, name: str) -> str:
 
 
 # The option sections of a ModelConfig and their classes.
-OPTIONS = {"ttt": TTTOptions, "lact": LaCTOptions, "inplace": InPlaceOptions, "npt": NPTOptions}
+OPTIONS = {
+    "attention": AttentionOptions,
+    "ttt": TTTOptions,
+    "lact": LaCTOptions,
+    "inplace": InPlaceOptions,
+    "npt": NPTOptions,
+    "retrofit": RetrofitOptions,
+}
 
 # The flat fields of ModelConfig before the options were nested (config.json of older runs),
 # each with the option field(s) it became.
@@ -219,8 +314,15 @@ def migrate_flat_fields(model: dict) -> dict:
     sections, which did not shape the model, take their defaults (the flat format kept, e.g., a
     `checkpoint_group` for every family, its TTT preset's 4 included). An option the flat
     format could not set takes its default too, which is what such a run used (the defaults
-    equal the values that format passed to the layers).
+    equal the values that format passed to the layers). A run saved before retrofits or the
+    attention options existed had none: a dict without the `retrofit` or `attention` section
+    gets the default one.
     """
+    # Sections added after a run was saved (`attention`, `retrofit`): their defaults, which is
+    # what such a run used.
+    for name in ("attention", "retrofit"):
+        if name not in model:
+            model = {**model, name: json.loads(json.dumps(dataclasses.asdict(OPTIONS[name]())))}
     if not any(flat in model for flat in FLAT_FIELDS):
         return model
     try:
@@ -228,7 +330,10 @@ def migrate_flat_fields(model: dict) -> dict:
     except (KeyError, TypeError, ValueError):
         used = set(OPTIONS)
     model = dict(model)
-    sections = {name: dataclasses.asdict(kind()) for name, kind in OPTIONS.items()}
+    # As JSON (tuples as lists), as the config.json of a current run holds them.
+    sections = {
+        name: json.loads(json.dumps(dataclasses.asdict(kind()))) for name, kind in OPTIONS.items()
+    }
     for flat, targets in FLAT_FIELDS.items():
         if flat not in model:
             continue

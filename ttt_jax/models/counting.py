@@ -37,7 +37,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, total_params: int | None 
         total_params = param_counts(config)["total"]
     lookup_only = 0 if config.tie_embeddings else config.vocab_size * config.d_model
     forward = 2.0 * (total_params - lookup_only)
-    for block in config.blocks:
-        for name in block:
+    for parts in config.parts:
+        for name in parts:
             forward += FAMILIES[name].flops(config.layer_config(name), seq_len)
     return 3.0 * forward

@@ -4,18 +4,20 @@ A `Family` entry says everything the model, the memory tools and the trainer nee
 
 - `layer`, `layer_config`, `options`: the NNX class, and how its config is made from what the
   model shares with every layer (`Shared`) and the family's options (the `ModelConfig` section
-  named by `options`: `ttt`, `lact`, `inplace` or `npt`);
+  named by `options`: `attention`, `ttt`, `lact`, `inplace` or `npt`);
 - `inputs`, `aux`: the side inputs its call takes and whether it returns an auxiliary loss
   (the layer interface of `ttt_jax.layers`), so that `Family.call` calls any of them;
 - `recurrent`: it runs a chunk scan, which its options' `checkpoint_group` / `remat_policy`
   act on; `chunk_field`: the layer-config field holding its tokens per fast-weight update;
 - `resets_at_segments`, `fast_weights`, `flops` (below).
 
-Document boundaries (`segment_ids`): attention masks across segments and In-Place TTT restarts
-its chunks and fast weight at each segment. TTT-Linear / TTT-MLP and LaCT do NOT reset: their
-fast weights flow from one packed document into the next (the original TTT training packs
-documents the same way). LaCT's window attention and RoPE also run over the packed row as one
-sequence (positions from 0 at the row start). `resets_at_segments` records this per family.
+Document boundaries (`segment_ids`): attention masks across segments; In-Place TTT restarts
+its chunks and fast weight at each segment; TTT-Linear / TTT-MLP restart their q/k convs, RoPE
+positions, mini-batches and fast weights at each document (the Pallas kernel does not take
+segment ids yet: with them the TTT layers run the XLA scan). LaCT does NOT reset: its fast
+weights flow from one packed document into the next, and its window attention and RoPE run
+over the packed row as one sequence (positions from 0 at the row start).
+`resets_at_segments` records this per family.
 
 `fast_weights` names the parameters that are a fast weight's initial value (the optimizer
 exempts them from weight decay: decaying them would pull the inner model's start towards 0,
@@ -46,7 +48,14 @@ from ttt_jax.layers.lact import LaCTConfig, LaCTLayer
 from ttt_jax.layers.mlp import SwiGLU, SwiGLUConfig
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
 from ttt_jax.layers.ttt_layer import TTTConfig, TTTLayer
-from ttt_jax.models.options import InPlaceOptions, LaCTOptions, NPTOptions, Shared, TTTOptions
+from ttt_jax.models.options import (
+    AttentionOptions,
+    InPlaceOptions,
+    LaCTOptions,
+    NPTOptions,
+    Shared,
+    TTTOptions,
+)
 
 
 def _no_flops(config: Any, seq_len: int) -> float:
@@ -94,24 +103,27 @@ class Family:
         return 1 if self.chunk_field is None else getattr(config, self.chunk_field)
 
 
-def _attention(s: Shared, options: None) -> AttentionConfig:
-    del options
+def _attention(s: Shared, o: AttentionOptions) -> AttentionConfig:
+    fields = dataclasses.asdict(o)
+    head_dim = fields.pop("head_dim")
     return AttentionConfig(
         d_model=s.d_model,
         num_heads=s.num_heads,
-        head_dim=s.d_model // s.num_heads,
+        head_dim=s.d_model // s.num_heads if head_dim is None else head_dim,
         window=s.window,
         rope_theta=s.rope_theta,
         implementation=s.attention_impl,
         precision=s.precision,
+        norm_eps=s.norm_eps,
+        **fields,
     )
 
 
 def _attention_flops(c: AttentionConfig, t: int) -> float:
-    # q k^T and p v: 2 matmuls of 2 * keys * d FLOPs; a causal query sees (t + 1) / 2 keys on
-    # average, a windowed one at most `window`.
+    # q k^T and p v: 2 matmuls of 2 * keys * (H * Dh) FLOPs; a causal query sees (t + 1) / 2
+    # keys on average, a windowed one at most `window`.
     keys = (t + 1) / 2 if c.window is None else min(c.window, (t + 1) / 2)
-    return 4.0 * keys * c.d_model
+    return 4.0 * keys * c.num_heads * c.head_dim
 
 
 def _shared(s: Shared, *names: str) -> dict[str, Any]:
@@ -137,9 +149,9 @@ def _ttt_family(inner: str, fast_weights: tuple[str, ...]) -> Family:
         TTTLayer,
         config,
         options="ttt",
+        inputs=("segment_ids",),
         recurrent=True,
         chunk_field="mini_batch_size",
-        resets_at_segments=False,
         fast_weights=fast_weights,
         flops=_ttt_flops,
     )
@@ -185,7 +197,11 @@ def _npt(s: Shared, o: NPTOptions) -> NPTMLPConfig:
 
 MIXERS: dict[str, Family] = {
     "attention": Family(
-        Attention, _attention, inputs=("positions", "segment_ids"), flops=_attention_flops
+        Attention,
+        _attention,
+        options="attention",
+        inputs=("positions", "segment_ids"),
+        flops=_attention_flops,
     ),
     "ttt_linear": _ttt_family("linear", ("W1", "b1")),
     "ttt_mlp": _ttt_family("mlp", ("W1", "b1", "W2", "b2")),

@@ -9,10 +9,10 @@ Per sample, with the MLP hidden activations `Z` (`[T, F]`) cut into chunks of C 
     O_i     = Z_i (W_down + eta S_i)^T   [C, d]
 
 The per-chunk weights `W_down + eta S_i` (`[B, n_chunks, d, F]`, what the official code
-materialises) are never formed: one state is carried through a scan (`inplace_prefix.py`: the
+materialises) are never formed: one state is carried through a scan (`prefix.py`: the
 math and the plain forms) and the custom backward carries one running sum in reverse
-(`inplace_vjp.py`). Packed documents (`segment_ids`) are laid out by
-`ttt_jax.ops.core.segments`, the targets computed by `inplace_targets.py`.
+(`vjp.py`). Packed documents (`segment_ids`) are laid out by
+`ttt_jax.ops.core.segments`, the targets computed by `targets.py`.
 
 Two forms of the state inside the op, for speed:
 
@@ -60,6 +60,7 @@ class InPlaceState:
 
 
 def _check_args(
+    *,
     z,
     target,
     w_down,
@@ -73,10 +74,14 @@ def _check_args(
     initial_state,
     checkpoint_group,
     remat_policy,
+    state_dtype,
     prefix,
     backward,
-    state_dtype,
+    unroll,
 ):
+    """The checks of `inplace_ttt`, taking its arguments by name (`_check_args(**locals())`
+    as its first statement, so the list is written once, in the op's signature)."""
+    del unroll  # speed only, no check of its own
     check_positive_int("chunk_size", chunk_size)
     check_choice("conv_mode", conv_mode, tuple(CONV_KERNEL_SIZES))
     check_choice("prefix", prefix, PREFIXES)
@@ -183,24 +188,7 @@ def inplace_ttt(
         of the wrong length for the mode, bad `segment_ids` shape or dtype, `clip_tau <= 0`,
         a non-scalar `eta`, any shape mismatch.
     """
-    dims = _check_args(
-        z,
-        target,
-        w_down,
-        w_target,
-        conv_kernel,
-        eta,
-        chunk_size,
-        conv_mode,
-        clip_tau,
-        segment_ids,
-        initial_state,
-        checkpoint_group,
-        remat_policy,
-        prefix,
-        backward,
-        state_dtype,
-    )
+    dims = _check_args(**locals())  # first: locals() are exactly the arguments
     cd, c, t, b = z.dtype, chunk_size, dims["T"], dims["B"]
     cfg = PrefixConfig(
         chunk_size=c,

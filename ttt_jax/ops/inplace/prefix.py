@@ -1,7 +1,7 @@
 """The exclusive prefix of In-Place TTT (SPEC 3.3): its plain forms and shared pieces.
 
 This module sees the problem after the sequence has been laid out as `n` *slots* of `C` tokens
-(one complete chunk each, see `inplace_ttt.py`). Per sample, with the fast weight `X` carried
+(one complete chunk each, see `op.py`). Per sample, with the fast weight `X` carried
 across slots (`[d, F]`, in the state dtype):
 
     o[Zr_j]  += Zr_j X_j^T                              read: the state *before* slot j
@@ -29,7 +29,7 @@ Two backwards (`backward=`):
 - `autodiff` (`plain_reads` here): JAX differentiates the chosen forward. The sequential scan
   then stores the carried state of every slot (`[n, B, d, F]`, fewer with
   `checkpoint_group`), the associative form its prefix sums.
-- `custom` (`inplace_vjp.py`): a `jax.custom_vjp` whose backward is a reverse scan carrying
+- `custom` (`vjp.py`): a `jax.custom_vjp` whose backward is a reverse scan carrying
   one running sum `R` and keeps nothing per slot.
 """
 

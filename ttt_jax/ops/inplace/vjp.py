@@ -1,6 +1,6 @@
 """The memory-lean custom VJP of In-Place TTT's exclusive prefix (`backward="custom"`).
 
-The math and notation are in `inplace_prefix.py`. Autodiff of the sequential scan would keep the
+The math and notation are in `prefix.py`. Autodiff of the sequential scan would keep the
 carried state of every slot, `n x [B, d, F]`, the very per-chunk weights In-Place TTT must never
 materialise. This VJP keeps only its inputs (`z`, `v`, the state entering slot 0) and runs two
 scans that each carry one `[B, d, F]` matrix:
@@ -201,7 +201,7 @@ def fast_weight_reads(
     read_idx: jax.Array | None = None,
     last_idx: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Every token's read of the fast weight over `n` slots of C tokens (`inplace_prefix.py`).
+    """Every token's read of the fast weight over `n` slots of C tokens (`prefix.py`).
 
     Args:
       x0: `[B, d, F]` state entering slot 0 (state dtype).

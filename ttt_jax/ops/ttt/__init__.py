@@ -1,10 +1,12 @@
 """TTT-Linear and TTT-MLP (SPEC 3.1): dual-form ops and their token-serial primal twins."""
 
 from ttt_jax.ops.ttt.linear import NAMES, TTTLinearState, ttt_linear
+from ttt_jax.ops.ttt.linear_kernel import IMPLS, resolve_impl
 from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
 from ttt_jax.ops.ttt.primal import ttt_linear_primal, ttt_mlp_primal
 
 __all__ = [
+    "IMPLS",
     "NAMES",
     "TTTLinearState",
     "TTTMLPState",
@@ -12,4 +14,5 @@ __all__ = [
     "ttt_linear_primal",
     "ttt_mlp",
     "ttt_mlp_primal",
+    "resolve_impl",
 ]

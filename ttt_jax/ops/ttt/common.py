@@ -1,5 +1,6 @@
 """Pieces shared by TTT-Linear and TTT-MLP (SPEC 3.1): the inner loss, its gradient, the
-learning-rate matrix of the dual form, argument checks, and the driver over mini-batches."""
+learning-rate matrix of the dual form, argument checks, and the drivers over mini-batches
+(`run_ttt` picks the packed-documents driver of `packed.py` or the plain one)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,9 @@ from ttt_jax.ops.core.checks import (
 )
 from ttt_jax.ops.core.chunking import merge_time, split_time
 from ttt_jax.ops.core.scan import check_scan_knobs, chunked_scan
+from ttt_jax.ops.ttt.packed import run_packed
 
 LN_EPS = 1e-6
-
-
-def layer_norm(z: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-    """Per-head LayerNorm over the last axis; `z: [B, H, C, D]`, `scale, bias: [H, D]`."""
-    mu = z.mean(-1, keepdims=True)
-    xhat = (z - mu) * lax.rsqrt(((z - mu) ** 2).mean(-1, keepdims=True) + LN_EPS)
-    return xhat * scale[:, None, :] + bias[:, None, :]
 
 
 def layer_norm_l2_grad(
@@ -170,3 +165,52 @@ def run_mini_batches(
         _, out_tail = step(state, tail)
         out_tail = jnp.swapaxes(out_tail, 1, 2)
     return merge_time(out_full, out_tail, t), state
+
+
+def run_ttt(
+    step: Callable[[Any, tuple], tuple[Any, jax.Array]],
+    state: Any,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    eta: jax.Array,
+    *,
+    segment_ids: jax.Array | None,
+    const_reads: Callable[..., jax.Array],
+    slow: Any,
+    token_scale: jax.Array,
+    mini_batch_size: int,
+    checkpoint_group: int | None,
+    remat_policy: str | None,
+    unroll: int,
+) -> tuple[jax.Array, Any]:
+    """The one driver of the TTT ops (dual and primal form): `run_packed` when documents are
+    packed (`segment_ids`), else `run_mini_batches`.
+
+    Args:
+      step, const_reads: the family's mini-batch step and constant-reader outputs (as for
+        `run_packed`; `const_reads` is used only with `segment_ids`).
+      state: the state the call (its first document) starts from, fields `[B, H, ...]`.
+      slow: the slow weights every later document restarts from, the same structure with
+        fields `[H, ...]` (broadcast over the batch and cast to the state's dtypes here).
+      q, k, v, eta, segment_ids, token_scale, mini_batch_size, checkpoint_group,
+        remat_policy, unroll: as for `run_packed` / `run_mini_batches`.
+
+    Returns:
+      `(out [B, T, H, D] in the dtype of q, state after the last complete mini-batch)`.
+    """
+    knobs = dict(
+        mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        unroll=unroll,
+    )
+    if segment_ids is None:
+        out, state = run_mini_batches(step, state, q, k, v, eta, **knobs)
+    else:
+        reset = jax.tree.map(lambda p, s: jnp.broadcast_to(p, s.shape).astype(s.dtype), slow, state)
+        out, state = run_packed(
+            step, const_reads, state, reset, q, k, v, eta, segment_ids,
+            token_scale=token_scale, **knobs,
+        )  # fmt: skip
+    return out.astype(q.dtype), state

@@ -22,17 +22,17 @@ import jax.numpy as jnp
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.core.numerics import matmul, wide_dtype
+from ttt_jax.ops.core.numerics import layer_norm, matmul, wide_dtype
 from ttt_jax.ops.ttt.common import (
+    LN_EPS,
     check_ttt_args,
     default_token_scale,
-    layer_norm,
     layer_norm_l2_grad,
     lr_matrices,
-    run_mini_batches,
+    run_ttt,
 )
 from ttt_jax.ops.ttt.linear_kernel import resolve_impl, ttt_linear_pallas
-from ttt_jax.ops.ttt.packed import band_dual, band_rates, run_packed
+from ttt_jax.ops.ttt.packed import band_dual, band_rates
 
 # checkpoint_name tags usable in `save_names:` / `offload_names:` remat policies.
 NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
@@ -127,6 +127,7 @@ def ttt_linear(
     token_scale = token_scale.astype(acc)
     ln_scale = ln_scale.astype(acc)
     ln_bias = ln_bias.astype(acc)
+    ln_s, ln_b = ln_scale[:, None, :], ln_bias[:, None, :]  # [H, 1, D] against [B, H, C, D]
     if initial_state is None:
         b = dims["B"]
         initial_state = TTTLinearState(
@@ -161,7 +162,7 @@ def ttt_linear(
         attn = e * (matmul("bhid,bhjd->bhij", qc, kc, cd) + 1.0)
         z_bar = matmul("bhcd,bhde->bhce", qc, w, cd) + bias - matmul("bhij,bhjd->bhid", attn, g, cd)
         z_bar = checkpoint_name(z_bar, "ttt_z_bar")
-        out = qc.astype(acc) + layer_norm(z_bar, ln_scale, ln_bias)
+        out = qc.astype(acc) + layer_norm(z_bar, ln_s, ln_b, eps=LN_EPS)
         ge = g * e_last[..., None]
         new = TTTLinearState(
             W1=(s.W1 - matmul("bhcd,bhce->bhde", kc, ge, cd)).astype(state_dtype),
@@ -169,49 +170,28 @@ def ttt_linear(
         )
         return new, out
 
-    if segment_ids is not None:
+    def const_reads(qc, kw, vw, ew, band):  # reading (W1, b1): queries [B, H, C, D], window 2C
+        w, bias = W1.astype(state_dtype), b1.astype(state_dtype).astype(acc)[:, None]
+        z = matmul("bhcd,hde->bhce", kw, w, cd) + bias
+        target = vw.astype(acc) - kw.astype(acc)
+        g = layer_norm_l2_grad(z, target, ln_scale, ln_bias)
+        e = band_rates(ew.astype(acc), band)
+        z_bar = matmul("bhcd,hde->bhce", qc, w, cd) + bias - band_dual(qc, kw, g, e, cd)
+        return qc.astype(acc) + layer_norm(z_bar, ln_s, ln_b, eps=LN_EPS)
 
-        def const_reads(qc, kw, vw, ew, band):  # reading (W1, b1): queries [B, H, C, D], window 2C
-            w, bias = W1.astype(state_dtype), b1.astype(state_dtype).astype(acc)[:, None]
-            z = matmul("bhcd,hde->bhce", kw, w, cd) + bias
-            target = vw.astype(acc) - kw.astype(acc)
-            g = layer_norm_l2_grad(z, target, ln_scale, ln_bias)
-            e = band_rates(ew.astype(acc), band)
-            z_bar = matmul("bhcd,hde->bhce", qc, w, cd) + bias - band_dual(qc, kw, g, e, cd)
-            return qc.astype(acc) + layer_norm(z_bar, ln_scale, ln_bias)
-
-        reset = TTTLinearState(
-            W1=jnp.broadcast_to(W1, state.W1.shape).astype(state_dtype),
-            b1=jnp.broadcast_to(b1, state.b1.shape).astype(state_dtype),
-        )
-        out, state = run_packed(
-            step,
-            const_reads,
-            state,
-            reset,
-            q,
-            k,
-            v,
-            eta,
-            segment_ids,
-            token_scale=token_scale,
-            mini_batch_size=mini_batch_size,
-            checkpoint_group=checkpoint_group,
-            remat_policy=remat_policy,
-            unroll=unroll,
-        )
-        return out.astype(q.dtype), state
-
-    out, state = run_mini_batches(
+    return run_ttt(
         step,
         state,
         q,
         k,
         v,
         eta,
+        segment_ids=segment_ids,
+        const_reads=const_reads,
+        slow=TTTLinearState(W1=W1, b1=b1),
+        token_scale=token_scale,
         mini_batch_size=mini_batch_size,
         checkpoint_group=checkpoint_group,
         remat_policy=remat_policy,
         unroll=unroll,
     )
-    return out.astype(q.dtype), state

@@ -78,6 +78,12 @@ def resolve_impl(impl: str, q, mini_batch_size: int, state_dtype, segment_ids=No
     reason = unsupported_reason(q, mini_batch_size, state_dtype)
     if reason is None and segment_ids is not None:
         reason = "segment_ids is not supported by the kernel yet (only segment_ids=None)"
+    return dispatch(impl, reason)
+
+
+def dispatch(impl: str, reason: str | None) -> str:
+    """The backend for a checked `impl` other than "xla", given why the kernel cannot take the
+    call (None if it can); shared by the TTT-Linear and TTT-MLP kernels."""
     on_gpu = jax.default_backend() == "gpu"
     if impl == "auto":
         return "pallas" if on_gpu and reason is None else "xla"

@@ -20,16 +20,17 @@ import jax.numpy as jnp
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.core.numerics import gelu_tanh, gelu_tanh_grad, matmul, wide_dtype
+from ttt_jax.ops.core.numerics import gelu_tanh, gelu_tanh_grad, layer_norm, matmul, wide_dtype
 from ttt_jax.ops.ttt.common import (
+    LN_EPS,
     check_ttt_args,
     default_token_scale,
-    layer_norm,
     layer_norm_l2_grad,
     lr_matrices,
-    run_mini_batches,
+    run_ttt,
 )
-from ttt_jax.ops.ttt.packed import band_dual, band_rates, run_packed
+from ttt_jax.ops.ttt.mlp_kernel import resolve_impl, ttt_mlp_pallas
+from ttt_jax.ops.ttt.packed import band_dual, band_rates
 
 NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
 
@@ -67,6 +68,7 @@ def ttt_mlp(
     remat_policy: str | None = None,
     state_dtype=jnp.float32,
     unroll: int = 1,
+    impl: str = "xla",
 ) -> tuple[jax.Array, TTTMLPState]:
     """TTT-MLP over a sequence.
 
@@ -78,6 +80,12 @@ def ttt_mlp(
       mini_batch_size, token_scale, initial_state, segment_ids, checkpoint_group,
       remat_policy, state_dtype, unroll: as in `ttt_linear` (documents restart from
       `W1, b1, W2, b2`).
+      impl: "xla" (the scan here), "pallas" (the fused GPU kernels of `mlp_kernel.py`, with
+        `checkpoint_group` as their state-checkpoint spacing, default 16; `remat_policy` and
+        `unroll` do not apply), "pallas_interpret" (the same kernels under the Pallas
+        interpreter, for CPU tests), or "auto" (the kernels on a GPU where they support the
+        call, else XLA; calls with `segment_ids` take XLA). "pallas" on an unsupported call
+        raises a ValueError.
 
     Returns:
       `o: [B, T, H, D]` in the dtype of q, and the state after the last complete mini-batch.
@@ -106,6 +114,7 @@ def ttt_mlp(
         state_type=TTTMLPState,
         names=NAMES,
     )
+    backend = resolve_impl(impl, q, W1.shape[-1], mini_batch_size, state_dtype, segment_ids)
     cd = q.dtype
     # Everything but the matmul operands runs in the wider of the inputs' and the state's
     # dtype (SPEC 2): fp32 under bf16 / fp32, fp64 under fp64 (no fp32 cast on the way).
@@ -115,10 +124,26 @@ def ttt_mlp(
     token_scale = token_scale.astype(acc)
     ln_scale = ln_scale.astype(acc)
     ln_bias = ln_bias.astype(acc)
+    ln_s, ln_b = ln_scale[:, None, :], ln_bias[:, None, :]  # [H, 1, D] against [B, H, C, D]
     if initial_state is None:
         b = dims["B"]
         initial_state = TTTMLPState(*(jnp.broadcast_to(p, (b, *p.shape)) for p in (W1, b1, W2, b2)))
     state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
+    if backend != "xla":
+        o, *final = ttt_mlp_pallas(
+            q,
+            k,
+            v,
+            eta,
+            (state.W1, state.b1, state.W2, state.b2),
+            ln_scale,
+            ln_bias,
+            token_scale,
+            mini_batch_size=mini_batch_size,
+            checkpoint_group=checkpoint_group,
+            interpret=backend == "pallas_interpret",
+        )
+        return o, TTTMLPState(*final)
 
     def step(s: TTTMLPState, xs):
         qc, kc, vc, ec = xs  # [B, H, C, D], eta [B, H, C]
@@ -139,7 +164,7 @@ def ttt_mlp(
         attn2 = e * (matmul("bhif,bhjf->bhij", x2_bar, x2, cd) + 1.0)
         z2_bar = matmul("bhcf,bhfd->bhcd", x2_bar, s.W2, cd) + b2c
         z2_bar = checkpoint_name(z2_bar - matmul("bhij,bhjd->bhid", attn2, g2, cd), "ttt_z_bar")
-        out = qc.astype(acc) + layer_norm(z2_bar, ln_scale, ln_bias)
+        out = qc.astype(acc) + layer_norm(z2_bar, ln_s, ln_b, eps=LN_EPS)
         g1e, g2e = g1 * e_last[..., None], g2 * e_last[..., None]
         new = TTTMLPState(
             W1=(s.W1 - matmul("bhcd,bhcf->bhdf", kc, g1e, cd)).astype(state_dtype),
@@ -149,59 +174,36 @@ def ttt_mlp(
         )
         return new, out
 
-    if segment_ids is not None:
+    def const_reads(qc, kw, vw, ew, band):  # reading W1..b2: queries [B, H, C, D], window 2C
+        w1, w2 = W1.astype(state_dtype), W2.astype(state_dtype)
+        b1c = b1.astype(state_dtype).astype(acc)[:, None]
+        b2c = b2.astype(state_dtype).astype(acc)[:, None]
+        z1 = matmul("bhcd,hdf->bhcf", kw, w1, cd) + b1c
+        x2 = gelu_tanh(z1)
+        z2 = matmul("bhcf,hfd->bhcd", x2, w2, cd) + b2c
+        target = vw.astype(acc) - kw.astype(acc)
+        g2 = layer_norm_l2_grad(z2, target, ln_scale, ln_bias)
+        g1 = matmul("bhcd,hfd->bhcf", g2, w2, cd) * gelu_tanh_grad(z1)
+        e = band_rates(ew.astype(acc), band)
+        z1_bar = matmul("bhcd,hdf->bhcf", qc, w1, cd) + b1c
+        x2_bar = gelu_tanh(z1_bar - band_dual(qc, kw, g1, e, cd))
+        z2_bar = matmul("bhcf,hfd->bhcd", x2_bar, w2, cd) + b2c
+        z2_bar = z2_bar - band_dual(x2_bar, x2, g2, e, cd)
+        return qc.astype(acc) + layer_norm(z2_bar, ln_s, ln_b, eps=LN_EPS)
 
-        def const_reads(qc, kw, vw, ew, band):  # reading W1..b2: queries [B, H, C, D], window 2C
-            w1, w2 = W1.astype(state_dtype), W2.astype(state_dtype)
-            b1c = b1.astype(state_dtype).astype(acc)[:, None]
-            b2c = b2.astype(state_dtype).astype(acc)[:, None]
-            z1 = matmul("bhcd,hdf->bhcf", kw, w1, cd) + b1c
-            x2 = gelu_tanh(z1)
-            z2 = matmul("bhcf,hfd->bhcd", x2, w2, cd) + b2c
-            target = vw.astype(acc) - kw.astype(acc)
-            g2 = layer_norm_l2_grad(z2, target, ln_scale, ln_bias)
-            g1 = matmul("bhcd,hfd->bhcf", g2, w2, cd) * gelu_tanh_grad(z1)
-            e = band_rates(ew.astype(acc), band)
-            z1_bar = matmul("bhcd,hdf->bhcf", qc, w1, cd) + b1c
-            x2_bar = gelu_tanh(z1_bar - band_dual(qc, kw, g1, e, cd))
-            z2_bar = matmul("bhcf,hfd->bhcd", x2_bar, w2, cd) + b2c
-            z2_bar = z2_bar - band_dual(x2_bar, x2, g2, e, cd)
-            return qc.astype(acc) + layer_norm(z2_bar, ln_scale, ln_bias)
-
-        reset = TTTMLPState(
-            *(
-                jnp.broadcast_to(p, (dims["B"], *p.shape)).astype(state_dtype)
-                for p in (W1, b1, W2, b2)
-            )
-        )
-        out, state = run_packed(
-            step,
-            const_reads,
-            state,
-            reset,
-            q,
-            k,
-            v,
-            eta,
-            segment_ids,
-            token_scale=token_scale,
-            mini_batch_size=mini_batch_size,
-            checkpoint_group=checkpoint_group,
-            remat_policy=remat_policy,
-            unroll=unroll,
-        )
-        return out.astype(q.dtype), state
-
-    out, state = run_mini_batches(
+    return run_ttt(
         step,
         state,
         q,
         k,
         v,
         eta,
+        segment_ids=segment_ids,
+        const_reads=const_reads,
+        slow=TTTMLPState(W1=W1, b1=b1, W2=W2, b2=b2),
+        token_scale=token_scale,
         mini_batch_size=mini_batch_size,
         checkpoint_group=checkpoint_group,
         remat_policy=remat_policy,
         unroll=unroll,
     )
-    return out.astype(q.dtype), state

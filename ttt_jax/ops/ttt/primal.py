@@ -15,15 +15,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.core.numerics import gelu_tanh, matmul, wide_dtype
-from ttt_jax.ops.ttt.common import (
-    default_token_scale,
-    layer_norm,
-    run_mini_batches,
-)
+from ttt_jax.ops.core.numerics import gelu_tanh, layer_norm, matmul, wide_dtype
+from ttt_jax.ops.ttt.common import LN_EPS, default_token_scale, run_ttt
 from ttt_jax.ops.ttt.linear import TTTLinearState, ttt_linear
 from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
-from ttt_jax.ops.ttt.packed import band_rates, run_packed
+from ttt_jax.ops.ttt.packed import band_rates
 
 Inner = Callable[[dict, jax.Array], jax.Array]
 
@@ -88,7 +84,7 @@ def _primal(
     state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
 
     def head_norm(y, h):  # y: [D] of head h
-        return layer_norm(y[None, None, None], ln_s[h][None], ln_b[h][None])[0, 0, 0]
+        return layer_norm(y, ln_s[h], ln_b[h], eps=LN_EPS)
 
     def token_loss(p, h, kt, vt):
         y = head_norm(inner(p, kt, cd), h)
@@ -113,61 +109,38 @@ def _primal(
         out, new = per_sample(weights, heads, qc, kc, vc, ec.astype(acc))
         return state_cls(**{n: x.astype(state_dtype) for n, x in new.items()}), out
 
-    if segment_ids is not None:
-        reset = state_cls(
-            **{
-                n: jnp.broadcast_to(p, (q.shape[0], *p.shape)).astype(state_dtype)
-                for n, p in params.items()
-            }
+    def const_reads(qc, kw, vw, ew, band):  # reading the params: queries [B, H, C, D]
+        p0 = {n: p.astype(state_dtype) for n, p in params.items()}
+        grad = jax.vmap(jax.grad(token_loss), in_axes=(None, None, 0, 0))  # tokens
+        grad = jax.vmap(grad, in_axes=(0, 0, 0, 0))  # heads
+        grad = jax.vmap(grad, in_axes=(None, None, 0, 0))  # samples
+        grads = grad(p0, heads, kw, vw)  # [B, H, 2C, ...]: the window's, all at p0
+        e = band_rates(ew.astype(acc), band)
+        # W_i = W - sum_j E[i, j] grad_j over the token's document.
+        w_i = jax.tree.map(
+            lambda w, g: w[:, None] - jnp.einsum("bhij,bhj...->bhi...", e, g), p0, grads
         )
+        read = jax.vmap(lambda w, x, h: head_norm(inner(w, x, cd), h), (0, 0, None))
+        read = jax.vmap(read, in_axes=(0, 0, 0))  # heads
+        read = jax.vmap(read, in_axes=(0, 0, None))  # samples
+        return qc.astype(acc) + read(w_i, qc, heads)
 
-        def const_reads(qc, kw, vw, ew, band):  # reading the params: queries [B, H, C, D]
-            p0 = {n: p.astype(state_dtype) for n, p in params.items()}
-            grad = jax.vmap(jax.grad(token_loss), in_axes=(None, None, 0, 0))  # tokens
-            grad = jax.vmap(grad, in_axes=(0, 0, 0, 0))  # heads
-            grad = jax.vmap(grad, in_axes=(None, None, 0, 0))  # samples
-            grads = grad(p0, heads, kw, vw)  # [B, H, 2C, ...]: the window's, all at p0
-            e = band_rates(ew.astype(acc), band)
-            # W_i = W - sum_j E[i, j] grad_j over the token's document.
-            w_i = jax.tree.map(
-                lambda w, g: w[:, None] - jnp.einsum("bhij,bhj...->bhi...", e, g), p0, grads
-            )
-            read = jax.vmap(lambda w, x, h: head_norm(inner(w, x, cd), h), (0, 0, None))
-            read = jax.vmap(read, in_axes=(0, 0, 0))  # heads
-            read = jax.vmap(read, in_axes=(0, 0, None))  # samples
-            return qc.astype(acc) + read(w_i, qc, heads)
-
-        out, state = run_packed(
-            step,
-            const_reads,
-            state,
-            reset,
-            q,
-            k,
-            v,
-            eta,
-            segment_ids,
-            token_scale=ts,
-            mini_batch_size=mini_batch_size,
-            checkpoint_group=checkpoint_group,
-            remat_policy=remat_policy,
-            unroll=unroll,
-        )
-        return out.astype(q.dtype), state
-
-    out, state = run_mini_batches(
+    return run_ttt(
         step,
         state,
         q,
         k,
         v,
         eta,
+        segment_ids=segment_ids,
+        const_reads=const_reads,
+        slow=state_cls(**params),
+        token_scale=ts,
         mini_batch_size=mini_batch_size,
         checkpoint_group=checkpoint_group,
         remat_policy=remat_policy,
         unroll=unroll,
     )
-    return out.astype(q.dtype), state
 
 
 def ttt_linear_primal(q, k, v, eta, *, W1, b1, ln_scale, ln_bias, **knobs):

@@ -1,0 +1,249 @@
+"""TTT-MLP through fused Pallas kernels (Triton backend) with a manual backward.
+
+The same function as the XLA op in `mlp.py` (inner model `gelu_tanh(x W1 + b1) W2 + b2`, per-token
+`eta`, `token_scale`, per-head LayerNorm, output `q + LN(Z2_bar)`, `initial_state` / final
+state, any T with a trailing partial mini-batch read but not updating the state, fp32 state
+under bf16 inputs), computed by two sequential kernels with one program per (sample, head)
+(`mlp_kernel_fwd.py`, `mlp_kernel_bwd.py`), wrapped in a `jax.custom_vjp`. `segment_ids` is not
+taken by the kernels: `impl="auto"` routes such calls to the XLA path, `"pallas"` raises.
+
+Forward of one mini-batch (dual form, every gradient at the start state `W1, b1, W2, b2`;
+`E[i, j] = a_i eta_j` for `j <= i` with `a = token_scale`, `s_j = a_{C-1} eta_j` (0 for the
+trailing partial mini-batch), `t = v - k`):
+
+    Z1 = k W1 + b1,  X2 = gelu(Z1),  Z2 = X2 W2 + b2
+    G2 = LN-L2 grad of Z2 against t                        (kernel_math.inner_grad)
+    H = G2 W2^T,     G1 = H * gelu'(Z1)
+    A1 = E * (q k^T + 1),        Z1b = q W1 + b1 - A1 G1,   X2b = gelu(Z1b)
+    A2 = E * (X2b X2^T + 1),     Z2b = X2b W2 + b2 - A2 G2
+    o  = q + LN(Z2b)
+    W1' = W1 - k^T (s G1),  b1' = b1 - sum_j s_j G1_j
+    W2' = W2 - X2^T (s G2), b2' = b2 - sum_j s_j G2_j
+
+Backward of one mini-batch, given `do` and the cotangent `dW1', db1', dW2', db2'` of the state
+after it (the reverse chain's carry); `P1 = k dW1' + db1'`, `P2 = X2 dW2' + db2'`:
+
+    dZ2b = LN_bwd(do);  dln_scale += sum do * xhat(Z2b);  dln_bias += sum do;  dq = do
+    dA2 = -dZ2b G2^T;   dE = dA2 * (X2b X2^T + 1);   dS2 = dA2 * E
+    dG2 = -A2^T dZ2b - s P2;             ds = -rowsum(G2 * P2)
+    dX2b = dZ2b W2^T + dS2 X2;           dZ1b = dX2b * gelu'(Z1b)
+    dq += dZ1b W1^T;  dA1 = -dZ1b G1^T;  dG1 = -A1^T dZ1b - s P1;  ds -= rowsum(G1 * P1)
+    dk = -(s G1) dW1'^T;                 dX2 = dS2^T X2b - (s G2) dW2'^T
+    dH = dG1 * gelu'(Z1);  dZ1 = dG1 * H * gelu''(Z1)     (G1 depends on Z1: gelu'' enters here)
+    dG2 += dH W2
+    (dZ2, dt, dln_scale, dln_bias) += LN-L2 backward of G2     (kernel_math.inner_grad_bwd)
+    dX2 += dZ2 W2^T;  dZ1 += dX2 * gelu'(Z1);  dk += dZ1 W1^T
+    dE += dA1 * (q k^T + 1) (masked j <= i);  dq += (dA1 * E) k;  dk += (dA1 * E)^T q - dt
+    dv = dt;  deta_j = sum_i a_i dE_ij + a_{C-1} ds_j;  da_i += sum_j eta_j dE_ij
+    da_{C-1} += sum_j eta_j ds_j
+    dW1 = dW1' + q^T dZ1b + k^T dZ1;            db1 = db1' + sum dZ1b + sum dZ1
+    dW2 = dW2' + X2b^T dZ2b + dH^T G2 + X2^T dZ2; db2 = db2' + sum dZ2b + sum dZ2
+
+and `(dW1, db1, dW2, db2)` is the carry passed to the previous mini-batch; after the first it
+is the cotangent of the initial state. Its autodiff twin is JAX autodiff of the XLA op, which
+the CPU tests compare against (`tests/ops/ttt/test_mlp_kernel.py`).
+
+What stays on chip (per program): the fp32 biases, the mini-batch's `[C, D]`, `[C, BF]` and
+`[C, C]` tiles, and the sums for `ln_scale`, `ln_bias`, `token_scale`; the fp32 `W1, W2` (and in
+the backward their cotangents) as loop carries, or in a per-program HBM buffer read one hidden
+block at a time (`Launch.state_in`, `Launch.hidden_block`: knobs to tune on the GPU).
+
+What is saved for the backward: the inputs (q, k, v, eta, token_scale, ln_scale, ln_bias) and
+the fp32 state at the start of every `G`-th mini-batch (G = `checkpoint_group`, default 16),
+never a per-token or per-mini-batch state of the whole sequence.
+
+What is recomputed: per group, the backward replays the group's state chain from its checkpoint
+into a per-program HBM scratch of G states (`W1, W2` in the compute dtype, biases fp32), then
+recomputes each mini-batch's forward tiles from its scratch state during the reverse chain:
+about two forwards plus the reverse chain.
+
+Memory (bytes), N = ceil(T / C) mini-batches, F hidden, s = bytes of the compute dtype:
+  saved:   B H ceil(N / G) (2 D F + F + D) 4              (1.63 GB at B=8, H=12, D=64, T=32K)
+  scratch: B H G (2 D F s + 4 (F + D)), during the backward  (103 MB at the same shape, bf16)
+           + B H 2 D F 4 with `state_in="hbm"` in the backward (12.6 MB)
+  plus the outputs and gradients themselves; with T not a multiple of C, zero-padded copies of
+  q, k, v, eta (one mini-batch longer) are made and kept.
+
+D=128 (F=512, 512 KiB of fp32 state per head, 1 MiB with its cotangent) is not supported: it
+fits neither registers nor one SM's shared memory, and a 2-CTA split is out of reach of the
+Triton backend.
+
+Interpret mode (`impl="pallas_interpret"`, the CPU tests) runs the same kernel bodies through the
+Pallas interpreter, which cannot reach: the Triton compilation (PTX, registers and spills, shared
+memory), the bf16 tensor-core MMAs and their rounding, `num_warps` / `num_stages`, the CTA
+barriers that order the HBM scratch's and "hbm" state's writes and reads across threads (the
+interpreter runs a program serially), and 64-bit addressing of inputs over 4 GiB. The lowering
+to Triton IR itself runs on the CPU (`lower(lowering_platforms=("cuda",))`, tested).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ttt_jax.ops.core.checks import check_choice, check_positive_int
+from ttt_jax.ops.ttt.linear_kernel import IMPLS, SUPPORTED_DTYPES, SUPPORTED_MINI_BATCH, dispatch
+from ttt_jax.ops.ttt.mlp_kernel_bwd import backward
+from ttt_jax.ops.ttt.mlp_kernel_fwd import Launch, MLPKernelConfig, forward
+
+SUPPORTED_DIMS = (16, 32, 64)
+SUPPORTED_HIDDEN = (16, 32, 64, 128, 256)
+DEFAULT_GROUP = 16
+
+__all__ = ["Launch", "launch_defaults", "resolve_impl", "ttt_mlp_pallas", "unsupported_reason"]
+
+
+def unsupported_reason(q, hidden: int, mini_batch_size: int, state_dtype) -> str | None:
+    """Why the kernel cannot take this call (None if it can); `hidden` is F (W1.shape[-1])."""
+    d = q.shape[-1]
+    if d not in SUPPORTED_DIMS:
+        return f"head dim D={d} (q.shape[-1]) is not one of {SUPPORTED_DIMS}"
+    if hidden not in SUPPORTED_HIDDEN:
+        return f"hidden width F={hidden} (W1.shape[-1]) is not one of {SUPPORTED_HIDDEN}"
+    if mini_batch_size not in SUPPORTED_MINI_BATCH:
+        return f"mini_batch_size={mini_batch_size} is not one of {SUPPORTED_MINI_BATCH}"
+    if jnp.dtype(q.dtype).name not in SUPPORTED_DTYPES:
+        return f"q dtype {jnp.dtype(q.dtype).name} is not one of {SUPPORTED_DTYPES}"
+    if jnp.dtype(state_dtype) != jnp.float32:
+        return f"state_dtype={jnp.dtype(state_dtype).name} must be float32"
+    return None
+
+
+def resolve_impl(impl: str, q, hidden: int, mini_batch_size: int, state_dtype, segment_ids=None):
+    """`"xla"`, `"pallas"` or `"pallas_interpret"` for the `impl` argument of `ttt_mlp`.
+
+    `auto` takes the kernel on a GPU for the calls it supports (no `segment_ids`) and the XLA
+    path elsewhere; `pallas` / `pallas_interpret` on an unsupported call raise a ValueError
+    naming the argument and the supported set, `pallas` also off a GPU.
+    """
+    check_choice("impl", impl, IMPLS)
+    if impl == "xla":
+        return "xla"
+    reason = unsupported_reason(q, hidden, mini_batch_size, state_dtype)
+    if reason is None and segment_ids is not None:
+        reason = "segment_ids is not supported by the TTT-MLP kernel (only segment_ids=None)"
+    return dispatch(impl, reason)
+
+
+def launch_defaults(d: int, *, backward: bool) -> Launch:
+    """Per head dim, untuned first guesses (no GPU run has tuned them yet;
+    `benchmarks/bench_ttt_mlp_kernel.py --config` tries others). At D=64 the backward would carry
+    the 128 KiB state cotangent and the 128 KiB replay state at once, so it starts in "hbm"."""
+    if d == 64:
+        return Launch(8, 2, 64, "hbm") if backward else Launch(8, 2, None, "registers")
+    return Launch(4, 2, None, "registers")
+
+
+def _config(launch: Launch | None, default: Launch, **static) -> MLPKernelConfig:
+    launch = launch or default
+    f = static["hidden"]
+    bf = launch.hidden_block or min(default.hidden_block or f, f)
+    if bf < 16 or bf & (bf - 1) or f % bf:
+        raise ValueError(
+            f"Launch.hidden_block={bf} must be a power of two >= 16 dividing the hidden width "
+            f"F={f}"
+        )
+    return MLPKernelConfig(
+        **static,
+        num_warps=launch.num_warps or default.num_warps,
+        num_stages=launch.num_stages or default.num_stages,
+        hidden_block=bf,
+        state_in=launch.state_in,
+    )
+
+
+def ttt_mlp_pallas(
+    q,
+    k,
+    v,
+    eta,
+    state,
+    ln_scale,
+    ln_bias,
+    token_scale,
+    *,
+    mini_batch_size: int,
+    checkpoint_group: int | None,
+    interpret: bool,
+    fwd: Launch | None = None,
+    bwd: Launch | None = None,
+    poison: bool = False,
+):
+    """TTT-MLP on the kernels; arguments already checked by `ttt_mlp`.
+
+    Args:
+      q, k, v: `[B, T, H, D]` float32 or bfloat16; eta: `[B, T, H]`.
+      state: `(W1 [B, H, D, F], b1 [B, H, F], W2 [B, H, F, D], b2 [B, H, D])` initial state
+        (cast to fp32).
+      ln_scale, ln_bias: `[H, D]`; token_scale: `[C]`.
+      mini_batch_size: C. checkpoint_group: G, the spacing of the saved states (None: 16).
+      interpret: run under the Pallas interpreter.
+      fwd, bwd: launch knobs of the forward and backward kernels (None: `launch_defaults`).
+      poison: start the kernels' output buffers as NaN (tests of full coverage).
+
+    Returns:
+      `(o [B, T, H, D] dtype of q, W1, b1, W2, b2)`, the final state fp32.
+    """
+    bsz, t, heads, d = q.shape
+    c = mini_batch_size
+    group = check_positive_int("checkpoint_group", checkpoint_group or DEFAULT_GROUP)
+    n_chunks = -(-t // c)
+    static = dict(
+        batch=bsz,
+        heads=heads,
+        dim=d,
+        hidden=state[0].shape[-1],
+        mini_batch=c,
+        n_chunks=n_chunks,
+        n_full=t // c,
+        group=min(group, n_chunks),
+        compute_dtype=jnp.dtype(q.dtype).name,
+        interpret=interpret,
+        poison=poison,
+    )
+    fcfg = _config(fwd, launch_defaults(d, backward=False), **static)
+    bcfg = _config(bwd, launch_defaults(d, backward=True), **static)
+    f32 = jnp.float32
+    eta = eta.astype(f32)
+    pad = n_chunks * c - t
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        eta = jnp.pad(eta, ((0, 0), (0, pad), (0, 0)))
+    o, *final = _fused(
+        fcfg,
+        bcfg,
+        q,
+        k,
+        v,
+        eta,
+        token_scale.astype(f32),
+        ln_scale.astype(f32),
+        ln_bias.astype(f32),
+        tuple(x.astype(f32) for x in state),
+    )
+    return (o[:, :t], *final)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(fcfg, bcfg, q, k, v, eta, token_scale, ln_scale, ln_bias, state):
+    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, state)
+    return tuple(forward(fcfg, *args, with_checkpoints=False))
+
+
+def _fused_fwd(fcfg, bcfg, q, k, v, eta, token_scale, ln_scale, ln_bias, state):
+    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, state)
+    outs = forward(fcfg, *args, with_checkpoints=True)
+    return tuple(outs[:5]), (q, k, v, eta, token_scale, ln_scale, ln_bias, tuple(outs[5:]))
+
+
+def _fused_bwd(fcfg, bcfg, res, cts):
+    do, *dstate = cts
+    outs = backward(bcfg, *res, do, dstate)
+    dq, dk, dv, deta, *dstate0 = outs[:8]
+    dlnw, dlnb, dts = outs[8:]
+    return dq, dk, dv, deta, dts.sum((0, 1)), dlnw.sum(0), dlnb.sum(0), tuple(dstate0)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -1,0 +1,273 @@
+"""The TTT-MLP backward as one sequential Pallas (Triton backend) kernel per (sample, head).
+
+Grid `(B, H)`. Each program walks the checkpoint groups in reverse. For a group it reloads the
+fp32 state checkpoint, replays the group's state chain (inner model on the keys, `G2`, `G1`,
+update: no output) and writes each mini-batch's starting state into a per-program HBM scratch
+(`W1, W2` in the compute dtype, the only form the backward's matmuls read, plus fp32 biases);
+then it runs the reverse chain over the group's mini-batches, recomputing that mini-batch's
+forward tiles from its scratch state and applying the closed-form backward (`mlp_kernel.py`
+derives it). The fp32 state cotangent `dW1, db1, dW2, db2` is carried across mini-batches as
+loop carries ("registers") or in the `dW1_0, dW2_0` output buffers ("hbm", `Launch.state_in`;
+the replay's fp32 state then lives in a per-program HBM buffer too); the sums for `ln_scale`,
+`ln_bias` and `token_scale` stay on chip; `dq, dk, dv, deta` are written once per mini-batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ttt_jax.ops.core.numerics import gelu_tanh_grad
+from ttt_jax.ops.ttt import kernel_math as km
+from ttt_jax.ops.ttt import mlp_kernel_math as mm
+from ttt_jax.ops.ttt.kernel_fwd import call, chunk_inputs, kernel_partial, pl
+from ttt_jax.ops.ttt.mlp_kernel_fwd import (
+    MLPKernelConfig,
+    barrier,
+    chunk_rates,
+    load_state,
+    open_state,
+)
+
+N_OUT = 11  # outputs that are not scratch
+
+
+def _backward_kernel(*refs, cfg: MLPKernelConfig):
+    q_ref, k_ref, v_ref, eta_ref, ts_ref, lnw_ref, lnb_ref = refs[:7]
+    ck1_ref, ckb1_ref, ck2_ref, ckb2_ref = refs[7:11]
+    do_ref, dw1f_ref, db1f_ref, dw2f_ref, db2f_ref = refs[11:16]
+    dq_ref, dk_ref, dv_ref, deta_ref = refs[16:20]
+    dw10_ref, db10_ref, dw20_ref, db20_ref, dlnw_ref, dlnb_ref, dts_ref = refs[20:27]
+    sw1_ref, sb1_ref, sw2_ref, sb2_ref = refs[27:31]
+    rw_refs = tuple(refs[31:33])  # the replay's fp32 state ("hbm" only)
+    b, h = pl.program_id(0), pl.program_id(1)
+    c, d, cd, f32, nb = cfg.mini_batch, cfg.dim, cfg.cd, jnp.float32, cfg.n_blocks
+    blk = cfg.block
+    inputs = (q_ref, k_ref, v_ref, eta_ref)
+    gamma = lnw_ref[h, :][None, :]
+    beta = lnb_ref[h, :][None, :]
+    tri = km.causal(c)
+    a_causal, a_last = chunk_rates(ts_ref, c)
+    last = (lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1).astype(f32)
+
+    def replay(start):
+        """Writes the starting state of each mini-batch of the group at `start` to scratch."""
+
+        def body(j, carry):
+            wcarry, b1s, b2 = carry
+            state = open_state(cfg, wcarry, rw_refs, b, h)
+            i = start + j
+            for n in range(nb):
+                w1, w2 = state.get(n)
+                sw1_ref[b, h, j, :, blk(n)] = w1.astype(sw1_ref.dtype)
+                sw2_ref[b, h, j, blk(n), :] = w2.astype(sw2_ref.dtype)
+                sb1_ref[b, h, j, blk(n)] = b1s[n]
+            sb2_ref[b, h, j, :] = b2
+            _, k, v, eta = chunk_inputs(inputs, b, h, i, c)
+            t = v.astype(f32) - k.astype(f32)
+
+            def w(n):
+                w1, w2 = state.get(n)
+                return w1.astype(cd), w2.astype(cd)
+
+            z1s, x2s, (g2, *_) = mm.pass_a(k, t, w, b1s, b2, gamma, beta, cd, nb)
+            step = (jnp.where(i < cfg.n_full, a_last, 0.0) * eta)[:, None]
+            g2e = g2 * step
+            new_b1s = []
+            for n in range(nb):
+                w1, w2 = state.get(n)
+                g1e = mm.hidden_grad(g2, z1s[n], w2.astype(cd), cd)[2] * step
+                state.set(
+                    n, w1 - km.dot(k, g1e, cd, ta=True), w2 - km.dot(x2s[n], g2e, cd, ta=True)
+                )
+                new_b1s.append(b1s[n] - jnp.sum(g1e, axis=0))
+            state.sync()
+            return state.carry(), tuple(new_b1s), b2 - jnp.sum(g2e, axis=0)
+
+        return body
+
+    def reverse(start, count):
+        def body(jj, carry):
+            dwcarry, db1s, db2, dgamma, dbeta, dts = carry
+            dstate = open_state(cfg, dwcarry, (dw10_ref, dw20_ref), b, h)
+            j = count - 1 - jj
+            i = start + j
+
+            def w(n):  # this mini-batch's starting state, compute dtype
+                return sw1_ref[b, h, j, :, blk(n)], sw2_ref[b, h, j, blk(n), :]
+
+            b1s = [sb1_ref[b, h, j, blk(n)] for n in range(nb)]
+            b2 = sb2_ref[b, h, j, :]
+            q, k, v, eta = chunk_inputs(inputs, b, h, i, c)
+            rows = pl.ds(i * c, c)
+            dout = do_ref[b, rows, h, :].astype(f32)
+            t = v.astype(f32) - k.astype(f32)
+            full = i < cfg.n_full
+            scale = jnp.where(full, a_last, 0.0)
+            s = (scale * eta)[:, None]
+            # --- recompute this mini-batch's forward tiles from its starting state
+            z1s, x2s, (g2, x, r, y, mxy) = mm.pass_a(k, t, w, b1s, b2, gamma, beta, cd, nb)
+            e = a_causal * eta[None, :]
+            qk1 = km.dot(q, k, cd, tb=True) + 1.0
+            attn1 = e * qk1
+            hs, gps, g1s, z1bs, x2bs = [], [], [], [], []
+            s2 = jnp.zeros((c, c), f32)
+            z2b = b2[None, :] + jnp.zeros((c, d), f32)
+            p2 = db2[None, :] + jnp.zeros((c, d), f32)  # X2 dW2' + db2' (state after)
+            for n in range(nb):
+                w1c, w2c = w(n)
+                hn, gp, g1 = mm.hidden_grad(g2, z1s[n], w2c, cd)
+                z1b, x2b, s2_n, p_n = mm.read_block(q, attn1, g1, w1c, b1s[n], x2s[n], w2c, cd)
+                s2, z2b = s2 + s2_n, z2b + p_n
+                p2 = p2 + km.dot(x2s[n], dstate.get(n)[1], cd)
+                for lst, val in zip((hs, gps, g1s, z1bs, x2bs), (hn, gp, g1, z1b, x2b)):
+                    lst.append(val)
+            s2_1 = s2 + 1.0
+            attn2 = e * s2_1
+            z2b = z2b - km.dot(attn2, g2, cd)
+            xb, rb = km.ln_stats(z2b)
+            # --- output LayerNorm and residual
+            dgamma += jnp.sum(dout * xb, axis=0)
+            dbeta += jnp.sum(dout, axis=0)
+            dz2b = km.ln_bwd(dout, xb, rb, gamma)
+            dq = dout
+            # --- Z2_bar = X2_bar W2 + b2 - attn2 G2, attn2 = E * (X2_bar X2^T + 1)
+            da2 = -km.dot(dz2b, g2, cd, tb=True)
+            dg2 = -km.dot(attn2, dz2b, cd, ta=True)
+            de = da2 * s2_1
+            ds2 = da2 * e
+            # --- the update of layer 2: W2' = W2 - X2^T (s G2), b2' = b2 - sum s G2
+            dg2 -= s * p2
+            dsv = -jnp.sum(g2 * p2, axis=1)
+            # --- per hidden block: X2_bar = gelu(Z1_bar), Z1_bar = q W1 + b1 - attn1 G1, the
+            # update of layer 1, and G1 = (G2 W2^T) * gelu'(Z1)
+            da1 = jnp.zeros((c, c), f32)
+            dk = jnp.zeros((c, d), f32)
+            dz1bs, dx2s, dz1s, dhs = [], [], [], []
+            for n in range(nb):
+                w1c, w2c = w(n)
+                dw1, dw2 = dstate.get(n)
+                dx2b = km.dot(dz2b, w2c, cd, tb=True) + km.dot(ds2, x2s[n], cd)
+                dz1b = dx2b * gelu_tanh_grad(z1bs[n])
+                dq += km.dot(dz1b, w1c, cd, tb=True)
+                da1 -= km.dot(dz1b, g1s[n], cd, tb=True)
+                p1 = km.dot(k, dw1, cd) + db1s[n][None, :]  # K dW1' + db1'
+                dg1 = -km.dot(attn1, dz1b, cd, ta=True) - s * p1
+                dsv -= jnp.sum(g1s[n] * p1, axis=1)
+                dk -= km.dot(s * g1s[n], dw1, cd, tb=True)
+                dx2 = km.dot(ds2, x2bs[n], cd, ta=True) - km.dot(s * g2, dw2, cd, tb=True)
+                dh = dg1 * gps[n]
+                # gelu'' enters here: G1 depends on Z1 through gelu'(Z1).
+                dz1 = dg1 * hs[n] * mm.gelu_tanh_grad2(z1s[n])
+                dg2 += km.dot(dh, w2c, cd)
+                for lst, val in zip((dz1bs, dx2s, dz1s, dhs), (dz1b, dx2, dz1, dh)):
+                    lst.append(val)
+            # --- G2 = LN-L2 gradient of Z2 = X2 W2 + b2 against t = v - k
+            dz2, dt, dgamma_rows, dbeta_rows = km.inner_grad_bwd(
+                dg2, g2, x, r, y, mxy, t, gamma, beta
+            )
+            dgamma += jnp.sum(dgamma_rows, axis=0)
+            dbeta += jnp.sum(dbeta_rows, axis=0)
+            new_db1s = []
+            for n in range(nb):
+                w1c, w2c = w(n)
+                dw1, dw2 = dstate.get(n)
+                dx2 = dx2s[n] + km.dot(dz2, w2c, cd, tb=True)
+                dz1 = dz1s[n] + dx2 * gps[n]  # X2 = gelu(Z1), Z1 = k W1 + b1
+                dk += km.dot(dz1, w1c, cd, tb=True)
+                dw1 = dw1 + km.dot(q, dz1bs[n], cd, ta=True) + km.dot(k, dz1, cd, ta=True)
+                dw2 = (
+                    dw2
+                    + km.dot(x2bs[n], dz2b, cd, ta=True)
+                    + km.dot(dhs[n], g2, cd, ta=True)
+                    + km.dot(x2s[n], dz2, cd, ta=True)
+                )
+                dstate.set(n, dw1, dw2)
+                new_db1s.append(db1s[n] + jnp.sum(dz1bs[n], axis=0) + jnp.sum(dz1, axis=0))
+            dstate.sync()
+            db2 = db2 + jnp.sum(dz2b, axis=0) + jnp.sum(dz2, axis=0)
+            # --- attn1 = E * (q k^T + 1); E[i, j] = token_scale[i] eta[j]; s = a_last eta
+            de = jnp.where(tri, de + da1 * qk1, 0.0)
+            dqk = da1 * e
+            dq += km.dot(dqk, k, cd)
+            dk += km.dot(dqk, q, cd, ta=True) - dt
+            deta = jnp.sum(a_causal * de, axis=0) + scale * dsv
+            dts += jnp.sum(de * eta[None, :], axis=1)
+            dts += last * jnp.where(full, jnp.sum(eta * dsv), 0.0)
+            dq_ref[b, rows, h, :] = dq.astype(dq_ref.dtype)
+            dk_ref[b, rows, h, :] = dk.astype(dk_ref.dtype)
+            dv_ref[b, rows, h, :] = dt.astype(dv_ref.dtype)
+            deta_ref[b, rows, h] = deta
+            return dstate.carry(), tuple(new_db1s), db2, dgamma, dbeta, dts
+
+        return body
+
+    def group_body(gi, carry):
+        grp = cfg.n_groups - 1 - gi
+        start = grp * cfg.group
+        count = jnp.minimum(cfg.group, cfg.n_chunks - start)
+        state = (
+            load_state(cfg, (ck1_ref, ck2_ref), rw_refs, b, h, (grp,)),
+            tuple(ckb1_ref[b, h, grp, blk(n)] for n in range(nb)),
+            ckb2_ref[b, h, grp, :],
+        )
+        lax.fori_loop(0, count, replay(start), state)
+        barrier(cfg)  # the scratch's writes before the reverse chain's reads
+        carry = lax.fori_loop(0, count, reverse(start, count), carry)
+        barrier(cfg)  # and its reads before the next group's replay overwrites it
+        return carry
+
+    init = (
+        load_state(cfg, (dw1f_ref, dw2f_ref), (dw10_ref, dw20_ref), b, h),
+        tuple(db1f_ref[b, h, blk(n)] for n in range(nb)),
+        db2f_ref[b, h, :],
+        jnp.zeros((d,), f32),
+        jnp.zeros((d,), f32),
+        jnp.zeros((c,), f32),
+    )
+    dwcarry, db1s, db2, dgamma, dbeta, dts = lax.fori_loop(0, cfg.n_groups, group_body, init)
+    if cfg.state_in == "registers":
+        for n in range(nb):
+            dw10_ref[b, h, :, blk(n)] = dwcarry[0][n]
+            dw20_ref[b, h, blk(n), :] = dwcarry[1][n]
+    for n in range(nb):
+        db10_ref[b, h, blk(n)] = db1s[n]
+    db20_ref[b, h, :] = db2
+    dlnw_ref[b, h, :] = dgamma
+    dlnb_ref[b, h, :] = dbeta
+    dts_ref[b, h, :] = dts
+
+
+def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ckpts, do,
+             dstate):  # fmt: skip
+    """Runs the backward kernel.
+
+    Args: the forward's inputs (as in `mlp_kernel_fwd.forward`), its four checkpoint arrays,
+    and the cotangents `do [B, N C, H, D]` (dtype of q) and `dstate` (fp32, the state's four
+    fields).
+
+    Returns:
+      `dq, dk, dv` (dtype of q), `deta [B, N C, H]`, the four initial-state cotangents (fp32),
+      and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`.
+    """
+    bsz, t, heads, d = q.shape
+    f, g = cfg.hidden, cfg.group
+    f32 = jnp.float32
+    sd = jax.ShapeDtypeStruct
+    fields = [(d, f), (f,), (f, d), (d,)]
+    out_shape = [sd(q.shape, q.dtype)] * 3 + [sd((bsz, t, heads), f32)]
+    out_shape += [sd((bsz, heads, *s), f32) for s in fields]
+    out_shape += [sd((bsz, heads, d), f32)] * 2 + [sd((bsz, heads, cfg.mini_batch), f32)]
+    # Scratch: the replayed states of one group (W1, W2 in the compute dtype) and their biases.
+    out_shape += [
+        sd((bsz, heads, g, d, f), q.dtype),
+        sd((bsz, heads, g, f), f32),
+        sd((bsz, heads, g, f, d), q.dtype),
+        sd((bsz, heads, g, d), f32),
+    ]
+    if cfg.state_in == "hbm":  # the replay's fp32 W1, W2
+        out_shape += [sd((bsz, heads, d, f), f32), sd((bsz, heads, f, d), f32)]
+    kernel = kernel_partial(_backward_kernel, cfg=cfg)
+    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, *ckpts, do, *dstate)
+    return call(kernel, cfg, out_shape, *args)[:N_OUT]
