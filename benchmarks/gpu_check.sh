@@ -5,6 +5,8 @@
 #
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh            # on the device; logs under $OUT
 #
+# With pytest-xdist importable the tests run in GPU_CHECK_WORKERS (default 4) processes.
+#
 # Exit status: 0 only if every step passed. Logs: $OUT/gpu_tests.log (pytest -rA),
 # $OUT/smoke.log (every benchmark's output) and $OUT/summary.txt (the table printed last).
 set -uo pipefail
@@ -30,8 +32,16 @@ step() {  # step NAME LOG COMMAND...: runs COMMAND, appends to LOG, records rc a
 
 : >"$SUMMARY.rows"
 fail=0
+# Tests in parallel processes when pytest-xdist is importable (most of their time is compiling,
+# on the host's CPUs); each process then allocates GPU memory on demand instead of 75% up front.
+workers=()
+if python3 -c "import xdist" 2>/dev/null; then
+  workers=(-n "${GPU_CHECK_WORKERS:-4}")
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+fi
 step gpu-tests "$OUT/gpu_tests.log" python3 -m pytest -q -m gpu -rA -p no:cacheprovider \
-  parity_tests tests || fail=1
+  "${workers[@]}" parity_tests tests || fail=1
+unset XLA_PYTHON_CLIENT_PREALLOCATE
 step smoke-ttt "$OUT/smoke.log" python3 benchmarks/bench_ttt.py --inner linear mlp \
   --variants dual_g4 --batches 1 --seqs 8192 --iters 3 || fail=1
 step smoke-lact "$OUT/smoke.log" python3 benchmarks/bench_lact.py --variants custom \
