@@ -17,3 +17,23 @@ Layout and imports (the convention for every test file):
 - Scripts run in a subprocess (`tests/_sharded_check.py`) are found from `_train_helpers.ROOT`,
   the repository root, never from `__file__` depth of the calling test.
 """
+
+import contextlib
+import os
+
+import jax
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _strict_promotion():
+    mode = os.environ.get("TTT_STRICT_PROBE", "")
+    if not mode:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        if mode in ("1", "dtype"):
+            stack.enter_context(jax.numpy_dtype_promotion("strict"))
+        if mode in ("1", "rank"):
+            stack.enter_context(jax.numpy_rank_promotion("raise"))
+        yield

@@ -17,7 +17,7 @@ ROOT = pathlib.Path(ttt_jax.__file__).parent
 OPS = ROOT / "ops"
 
 PUBLIC = {
-    "ttt_jax": ["ops", "layers", "models", "memory", "data", "testing"],
+    "ttt_jax": ["ops", "layers", "models", "memory", "data", "convert", "testing"],
     "ttt_jax.ops": [
         "POLICY_NAMES", "chunked_scan", "resolve_policy",
         "TTTLinearState", "TTTMLPState", "ttt_linear", "ttt_linear_primal", "ttt_mlp",
@@ -37,8 +37,8 @@ PUBLIC = {
         "check_shapes", "check_state_type",
     ],
     "ttt_jax.ops.ttt": [
-        "IMPLS", "NAMES", "TTTLinearState", "TTTMLPState", "resolve_impl", "ttt_linear",
-        "ttt_linear_primal", "ttt_mlp", "ttt_mlp_primal",
+        "IMPLS", "NAMES", "TTTLinearState", "TTTMLPState", "resolve_impl", "resolve_mlp_impl",
+        "ttt_linear", "ttt_linear_primal", "ttt_mlp", "ttt_mlp_primal",
     ],
     "ttt_jax.ops.lact": ["BACKWARDS", "LaCTState", "NAMES", "lact_low_rank_weight", "lact_swiglu"],
     "ttt_jax.ops.inplace": [
@@ -47,7 +47,7 @@ PUBLIC = {
     ],
     "ttt_jax.layers": [
         "BF16", "FP32", "MixedPrecision",
-        "Attention", "AttentionConfig",
+        "Attention", "AttentionCache", "AttentionConfig",
         "TTTCache", "TTTConfig", "TTTLayer", "TTTLinear", "TTTMLP",
         "LaCTCache", "LaCTConfig", "LaCTLayer",
         "SwiGLU", "SwiGLUConfig",
@@ -55,10 +55,11 @@ PUBLIC = {
         "NPTMLP", "NPTMLPConfig", "NPTBlock", "NPTBlockConfig",
     ],
     "ttt_jax.models": [
-        "ModelConfig", "InPlaceOptions", "LaCTOptions", "NPTOptions", "Shared", "TTTOptions",
+        "ModelConfig", "AttentionOptions", "InPlaceOptions", "LaCTOptions", "NPTOptions",
+        "Shared", "TTTOptions",
         "PRESETS", "preset",
         "FAMILIES", "MIXERS", "MLPS", "Family",
-        "LM", "segment_positions",
+        "LM", "LMCache", "segment_positions", "generate",
         "flops_per_token", "param_counts",
     ],
     "ttt_jax.memory": [
@@ -67,6 +68,10 @@ PUBLIC = {
         "CompiledMemory", "MeasuredMemory", "compiled_memory", "measured_memory",
         "Report", "layer_report", "workload_report",
         "Plan", "PlanError", "as_workload", "parse_bytes", "plan",
+    ],
+    "ttt_jax.convert": [
+        "MODEL_TYPES", "config_from_hf", "config_to_hf", "abstract_params", "export_pretrained",
+        "load_pretrained",
     ],
     "ttt_jax.data": [
         "SOURCES", "DataConfig", "Dataset", "make_dataset", "MQAR", "TokenStream", "Batches",

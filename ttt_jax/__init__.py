@@ -10,6 +10,7 @@ The subpackages, from the bottom up (each imports only those above it in this li
 - `models`: the decoder LM, its block registry and presets;
 - `memory`: the memory report and planner (they compile layers and models);
 - `data`: the training data (embedded corpus, MQAR, files), batches with segment ids;
+- `convert`: Hugging Face checkpoints (Llama, Mistral, Qwen2, Qwen3) in and out;
 - `testing`: the error measure and tolerances of the parity tests.
 """
 
@@ -21,7 +22,8 @@ from ttt_jax import layers
 from ttt_jax import models
 from ttt_jax import memory
 from ttt_jax import data
+from ttt_jax import convert
 from ttt_jax import testing
 
 __version__ = "0.1.0"
-__all__ = ["ops", "layers", "models", "memory", "data", "testing"]
+__all__ = ["ops", "layers", "models", "memory", "data", "convert", "testing"]

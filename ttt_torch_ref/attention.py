@@ -1,4 +1,4 @@
-"""Plain softmax attention and RMSNorm, shared by the reference blocks (NPT, LaCT).
+"""Plain softmax attention, shared by the reference blocks (NPT, LaCT).
 
 Every score is materialised ([B, H, T, T]): small sizes only.
 """
@@ -9,11 +9,6 @@ import math
 
 import torch
 from torch import Tensor
-
-
-def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
-    """x / sqrt(mean(x^2) + eps) * scale over the last axis."""
-    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * scale
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import causal_attention
-from .ttt_layer import rope
+from .common import check_shape, rms_norm, rope
 
 # Per-step (a, b, c) of the quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X, A = X X^T.
 NEWTON_SCHULZ_COEFFS = (
@@ -114,11 +114,6 @@ def renormalise_rows(w: Tensor, w_slow: Tensor) -> Tensor:
     return w / (w.norm(dim=-1, keepdim=True) + WEIGHT_NORM_EPS) * w_slow.norm(dim=-1, keepdim=True)
 
 
-def _check_shape(name: str, x: Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-
-
 def lact_swiglu(
     q: Tensor,
     k: Tensor,
@@ -159,19 +154,19 @@ def lact_swiglu(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     for name, x in (("k", k), ("v", v)):
-        _check_shape(name, x, (Bsz, T, H, D))
+        check_shape(name, x, (Bsz, T, H, D))
     for name, x in (("lr0", lr0), ("lr1", lr1), ("lr2", lr2), ("momentum", momentum)):
         if x is not None:
-            _check_shape(name, x, (Bsz, T, H))
-    _check_shape("w0", w0, (H, Dh, D))
-    _check_shape("w1", w1, (H, D, Dh))
-    _check_shape("w2", w2, (H, Dh, D))
+            check_shape(name, x, (Bsz, T, H))
+    check_shape("w0", w0, (H, Dh, D))
+    check_shape("w1", w1, (H, D, Dh))
+    check_shape("w2", w2, (H, Dh, D))
     if initial_state is not None:
         for name, shape in (("0", (Dh, D)), ("1", (D, Dh)), ("2", (Dh, D))):
-            _check_shape(
+            check_shape(
                 f"initial_state.w{name}", getattr(initial_state, f"w{name}"), (Bsz, H, *shape)
             )
-            _check_shape(
+            check_shape(
                 f"initial_state.m{name}", getattr(initial_state, f"m{name}"), (Bsz, H, *shape)
             )
 
@@ -412,7 +407,7 @@ class LaCTLayerRef(nn.Module):
             weight_norm=cfg.weight_norm,
             initial_state=initial_state,
         )
-        o = o * torch.rsqrt((o * o).mean(-1, keepdim=True) + cfg.norm_eps) * self.ttt_norm
+        o = rms_norm(o, self.ttt_norm, cfg.norm_eps)
         if cfg.learnable_scale:
             o = o * F.silu(r(x) @ r(self.W_s))[..., None]
         return r(attn + o.reshape(Bsz, T, d)) @ r(self.W_o), state

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .attention import causal_attention, rms_norm
+from .attention import causal_attention
+from .common import rms_norm, rope
 from .npt import NPTMLPConfigRef, NPTMLPRef
-from .ttt_layer import rope
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,13 @@ form is checked against.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-LN_EPS = 1e-6
+from .common import check_shape, gelu_tanh, layer_norm
 
 # An inner model maps (fast weights with leading [B, H] dims, x [B, H, n, D]) to [B, H, n, D].
 InnerModel = Callable[[Sequence[Tensor], Tensor], Tensor]
@@ -61,28 +60,6 @@ class TTTMLPState:
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    """The tanh approximation of GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def layer_norm(x: Tensor, scale: Tensor, bias: Tensor, eps: float = LN_EPS) -> Tensor:
-    """LayerNorm over the last dim with the biased variance.
-
-    Args:
-        x: [..., D].
-        scale: broadcastable to x, e.g. [D] or [H, 1, D] for per-head norms of [B, H, n, D].
-        bias: same shape as scale.
-        eps: added to the variance.
-
-    Returns:
-        (x - mean) / sqrt(var + eps) * scale + bias, shape of x.
-    """
-    mean = x.mean(dim=-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps) * scale + bias
 
 
 def linear_model(weights: Sequence[Tensor], x: Tensor) -> Tensor:
@@ -235,11 +212,6 @@ def _heads_and_dim(q: Tensor) -> tuple[int, int]:
     return q.shape[2], q.shape[3]
 
 
-def _check_shape(name: str, x: Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(x.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
-
-
 def _run(
     model: InnerModel,
     param_names: tuple[str, ...],
@@ -259,15 +231,15 @@ def _run(
     C = mini_batch_size
     if C < 1:
         raise ValueError(f"mini_batch_size must be >= 1, got {C}")
-    _check_shape("k", k, (B, T, H, D))
-    _check_shape("v", v, (B, T, H, D))
-    _check_shape("eta", eta, (B, T, H))
-    _check_shape("ln_scale", ln_scale, (H, D))
-    _check_shape("ln_bias", ln_bias, (H, D))
+    check_shape("k", k, (B, T, H, D))
+    check_shape("v", v, (B, T, H, D))
+    check_shape("eta", eta, (B, T, H))
+    check_shape("ln_scale", ln_scale, (H, D))
+    check_shape("ln_bias", ln_bias, (H, D))
     dtype = _compute_dtype(q)
     if token_scale is None:
         token_scale = default_token_scale(C, dtype)
-    _check_shape("token_scale", token_scale, (C,))
+    check_shape("token_scale", token_scale, (C,))
 
     if initial_state is None:
         weights = [
@@ -276,7 +248,7 @@ def _run(
         ]
     else:
         for name in param_names:
-            _check_shape(
+            check_shape(
                 f"initial_state.{name}", getattr(initial_state, name), (B, *params[name].shape)
             )
         weights = [getattr(initial_state, name).to(dtype) for name in param_names]
@@ -341,8 +313,8 @@ def ttt_linear(
             inputs). A trailing partial mini-batch does not update it.
     """
     H, D = _heads_and_dim(q)
-    _check_shape("W1", W1, (H, D, D))
-    _check_shape("b1", b1, (H, D))
+    check_shape("W1", W1, (H, D, D))
+    check_shape("b1", b1, (H, D))
     names = ("W1", "b1")
     o, final = _run(
         linear_model,
@@ -401,10 +373,10 @@ def ttt_mlp(
             inputs).
     """
     H, D = _heads_and_dim(q)
-    _check_shape("W1", W1, (H, D, 4 * D))
-    _check_shape("b1", b1, (H, 4 * D))
-    _check_shape("W2", W2, (H, 4 * D, D))
-    _check_shape("b2", b2, (H, D))
+    check_shape("W1", W1, (H, D, 4 * D))
+    check_shape("b1", b1, (H, 4 * D))
+    check_shape("W2", W2, (H, 4 * D, D))
+    check_shape("b2", b2, (H, D))
     names = ("W1", "b1", "W2", "b2")
     params = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
     o, final = _run(

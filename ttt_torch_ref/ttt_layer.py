@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .ttt import TTTLinearState, TTTMLPState, gelu_tanh, layer_norm, ttt_linear, ttt_mlp
+from .common import gelu_tanh, layer_norm, rope
+from .ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
 
 _INNERS = ("linear", "mlp")
 _BACKBONES = ("mamba", "transformer")
@@ -80,25 +81,6 @@ def causal_conv(u: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     width, T = weight.shape[0], u.shape[1]
     padded = torch.cat([u.new_zeros(u.shape[0], width - 1, u.shape[2]), u], dim=1)
     return bias + sum(weight[j] * padded[:, j : j + T] for j in range(width))
-
-
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotary embedding on interleaved pairs (x[..., 2i], x[..., 2i+1]).
-
-    Args:
-        x: [B, T, H, D].
-        positions: [T], the position of each token (already taken modulo C by the caller).
-        theta: RoPE base; pair i turns by angle p * theta^(-2i/D).
-
-    Returns:
-        [B, T, H, D].
-    """
-    D = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, D, 2, dtype=x.dtype) / D)  # [D/2]
-    angle = positions.to(x.dtype)[:, None] * inv_freq  # [T, D/2]
-    cos, sin = torch.cos(angle)[:, None, :], torch.sin(angle)[:, None, :]  # against [B, T, H, D/2]
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
 class TTTLayerRef(nn.Module):

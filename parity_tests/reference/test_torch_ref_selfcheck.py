@@ -16,7 +16,7 @@ from ttt_torch_ref import (
     ttt_linear,
     ttt_mlp,
 )
-from ttt_torch_ref.ttt import gelu_tanh
+from ttt_torch_ref.common import gelu_tanh
 
 DTYPE = torch.float64
 ATOL = 1e-10

@@ -2,9 +2,10 @@
 fed through `LM.decode` in pieces (4 tokens, then one at a time) gives the logits of the whole
 sequence at every position (fp32, <= 1e-5 relative): each step equals recomputing the whole
 prefix, since position t's logits of the full forward are those of the prefix ending at t
-(every family is causal). `generate`: greedy equals an argmax loop that recomputes the prefix
-every step, `eos_id` stops a row, nucleus sampling with a tiny `top_p` is greedy, sampling is
-reproducible from its key, and bad arguments are ValueErrors naming them."""
+(every family is causal); a retrofitted model (In-Place MLP, gated TTT branch) too.
+`generate`: greedy equals an argmax loop that recomputes the prefix every step, `eos_id` stops
+a row, nucleus sampling with a tiny `top_p` is greedy, sampling is reproducible from its key,
+and bad arguments are ValueErrors naming them."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from flax import nnx
 from ttt_jax.models import LM, InPlaceOptions, LaCTOptions, ModelConfig, TTTOptions
 from ttt_jax.models.decode import STEPS
 from ttt_jax.models.generate import generate
-from ttt_jax.models.options import AttentionOptions
+from ttt_jax.models.options import AttentionOptions, RetrofitOptions
 from ttt_jax.models.registry import FAMILIES
 from ttt_jax.testing import OP_TOL, rel_err
 
@@ -50,26 +51,35 @@ FAMILY_CONFIGS = {
     "lact": dict(pattern=("lact/swiglu",)),
     "inplace_ttt": dict(pattern=("attention/inplace_ttt",)),
     "npt": dict(pattern=("attention/npt",)),
+    # A retrofitted model (ttt_jax.models.retrofit): an In-Place MLP in layer 0, a gated
+    # TTT-Linear branch after layer 1's attention (the gate randomised open, below).
+    "retrofit": dict(
+        pattern=("attention/swiglu",),
+        num_layers=2,
+        retrofit=RetrofitOptions(inplace_layers=(0,), branch_layers=(1,), branch="ttt_linear"),
+    ),
 }
 T, PROMPT, PIECES = 9, 3, (4, 1, 1)
 
 
+def _params(config: ModelConfig, seed: int = 0):
+    """The LM's parameters, every one randomised (biases and norms included, so none is inert;
+    In-Place TTT's zero-initialised conv too, so its fast weight moves). The `unsafe_rbg` keys
+    compile several times faster than threefry on the CPU (a test's cost is its compiles)."""
+    key = jax.random.key(seed, impl="unsafe_rbg")
+    state = nnx.state(LM(config, rngs=nnx.Rngs(key)), nnx.Param)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    noise = [
+        0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(tree, [x + n for x, n in zip(leaves, noise, strict=True)])
+
+
 def _model(config: ModelConfig, seed: int = 0) -> LM:
-    """The LM with every parameter randomised (biases and norms included, so none is inert;
-    In-Place TTT's zero-initialised conv too, so its fast weight moves). Built under one jit:
-    an eager init dispatches (and compiles) op by op, several times slower on the CPU."""
-
-    @jax.jit
-    def params():
-        leaves, tree = jax.tree.flatten(nnx.state(LM(config, rngs=nnx.Rngs(seed)), nnx.Param))
-        keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-        noise = [
-            0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)
-        ]
-        return jax.tree.unflatten(tree, [x + n for x, n in zip(leaves, noise, strict=True)])
-
+    """The randomised LM, built under one jit (an eager init compiles op by op, slowly)."""
     model = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(seed)))
-    nnx.update(model, params())
+    nnx.update(model, jax.jit(lambda: _params(config, seed))())
     return model
 
 
@@ -80,35 +90,26 @@ def test_every_family_has_a_decoding_step():
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_decoding_in_pieces_equals_the_whole_sequence(family):
     config = dataclasses.replace(BASE, **FAMILY_CONFIGS[family])
-    model = _model(config)
-    graphdef, state = nnx.split(model)
-    tokens = jax.random.randint(jax.random.key(2), (2, T), 0, config.vocab_size)
     assert sum(PIECES) == T - PROMPT
 
     @jax.jit
-    def full(state, tokens):
-        return nnx.merge(graphdef, state)(tokens)[0]
+    def run(tokens):
+        # One program per family (init, whole sequence, prefill and every piece): one compile.
+        model = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+        nnx.update(model, _params(config))
+        want = model(tokens)[0]
+        got, cache = model.prefill(tokens[:, :PROMPT], T)
+        pieces, start = [got], PROMPT
+        for n in PIECES:
+            logits, cache = model.decode(tokens[:, start : start + n], cache)
+            pieces.append(logits)
+            start += n
+        return want, jnp.concatenate(pieces, axis=1), cache.length
 
-    @jax.jit
-    def prefill(state, tokens):
-        return nnx.merge(graphdef, state).prefill(tokens, T)
-
-    @jax.jit
-    def decode(state, tokens, cache):
-        return nnx.merge(graphdef, state).decode(tokens, cache)
-
-    want = full(state, tokens)
-    got, cache = prefill(state, tokens[:, :PROMPT])
-    pieces = [got]
-    start = PROMPT
-    for n in PIECES:
-        logits, cache = decode(state, tokens[:, start : start + n], cache)
-        pieces.append(logits)
-        start += n
-    got = np.concatenate(pieces, axis=1)
+    want, got, length = run(jax.random.randint(jax.random.key(2), (2, T), 0, config.vocab_size))
     for t in range(T):
         assert rel_err(got[:, t], want[:, t]) <= OP_TOL, (family, t, rel_err(got[:, t], want[:, t]))
-    assert int(cache.length) == T
+    assert int(length) == T
 
 
 @pytest.fixture(scope="module")

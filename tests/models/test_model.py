@@ -151,7 +151,7 @@ def test_packed_documents_equal_documents_alone(pattern):
 def test_segment_reset_is_recorded_per_layer():
     assert MIXERS["attention"].resets_at_segments and MLPS["inplace_ttt"].resets_at_segments
     assert MIXERS["ttt_linear"].resets_at_segments and MIXERS["ttt_mlp"].resets_at_segments
-    assert not MIXERS["lact"].resets_at_segments  # documented: state flows across docs
+    assert MIXERS["lact"].resets_at_segments and MIXERS["lact"].inputs == ("segment_ids",)
     assert MIXERS["ttt_mlp"].fast_weights == ("W1", "b1", "W2", "b2")
 
 

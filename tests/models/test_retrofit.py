@@ -26,7 +26,7 @@ from ttt_jax.testing import rel_err
 PRETRAINED = ModelConfig(
     vocab_size=64,
     d_model=32,
-    num_layers=4,
+    num_layers=2,
     num_heads=2,
     d_ff=64,
     pattern=("attention/swiglu",),
@@ -39,11 +39,11 @@ PRETRAINED = ModelConfig(
 # Per recipe: the retrofit, and the new parameters that get gradient at step 0 (the rest of
 # the new ones get none until the first update).
 RECIPES = {
-    "inplace": (RetrofitOptions(inplace_layers=(1, 3)), {"ttt_conv"}),
-    "npt": (RetrofitOptions(npt_layers=(2,)), {"B"}),
-    "ttt_linear": (RetrofitOptions(branch_layers=(0, 2)), {"branch_gate"}),
-    "ttt_mlp": (RetrofitOptions(branch_layers=(3,), branch="ttt_mlp"), {"branch_gate"}),
-    "lact": (RetrofitOptions(branch_layers=(1,), branch="lact"), {"branch_gate"}),
+    "inplace": (RetrofitOptions(inplace_layers=(1,)), {"ttt_conv"}),
+    "npt": (RetrofitOptions(npt_layers=(0,)), {"B"}),
+    "ttt_linear": (RetrofitOptions(branch_layers=(0, 1)), {"branch_gate"}),
+    "ttt_mlp": (RetrofitOptions(branch_layers=(1,), branch="ttt_mlp"), {"branch_gate"}),
+    "lact": (RetrofitOptions(branch_layers=(0,), branch="lact"), {"branch_gate"}),
 }
 
 
@@ -58,6 +58,20 @@ def _leaves(tree) -> dict[str, jax.Array]:
     }
 
 
+def _random_params(config: ModelConfig, seed: int) -> dict:
+    """Random params of `config`'s LM without compiling its init: norms near 1, the rest
+    `N(0, 0.15^2)` (about 1/sqrt(d) at d = 32)."""
+    rng = np.random.default_rng(seed)
+    abstract = _pure(nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0))))
+
+    def draw(path, x):
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        norm = str(path[-1].key).endswith("norm")
+        return jnp.asarray(1 + 0.1 * noise if norm else 0.15 * noise)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def _tokens():
     # Rows repeating a random 8-token motif: learnable by any of the recipes.
     motif = jax.random.randint(jax.random.key(0), (2, 8), 0, PRETRAINED.vocab_size)
@@ -69,7 +83,7 @@ def test_recipe_starts_as_the_pretrained_model_and_trains(recipe):
     retrofit, moving_at_0 = RECIPES[recipe]
     config = dataclasses.replace(PRETRAINED, retrofit=retrofit)
     base_graph = nnx.graphdef(nnx.eval_shape(lambda: LM(PRETRAINED, rngs=nnx.Rngs(0))))
-    pretrained = jax.jit(lambda: _pure(LM(PRETRAINED, rngs=nnx.Rngs(1))))()
+    pretrained = _random_params(PRETRAINED, 1)
     params = retrofit_params(pretrained, config, seed=2)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0))))
 
@@ -123,7 +137,7 @@ def test_layer_indices_choose_the_scan_period_and_are_checked():
     def period(**kw):
         return dataclasses.replace(PRETRAINED, num_layers=8, retrofit=RetrofitOptions(**kw)).period
 
-    assert PRETRAINED.period == 1 and PRETRAINED.repeats == 4
+    assert PRETRAINED.period == 1 and PRETRAINED.repeats == 2
     assert period(branch_layers=(0, 4)) == 4  # every 4th layer of 8: 4 blocks per scan step
     assert period(inplace_layers=(1, 3, 5, 7)) == 2
     assert period(npt_layers=(0, 1, 2, 3, 4, 5, 6, 7)) == 1
@@ -165,15 +179,27 @@ def test_layer_indices_choose_the_scan_period_and_are_checked():
 
 
 def test_pretrained_params_must_fit():
-    config = dataclasses.replace(PRETRAINED, retrofit=RetrofitOptions(npt_layers=(0,)))
-    params = _pure(nnx.eval_shape(lambda: LM(PRETRAINED, rngs=nnx.Rngs(0))))
-    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)
-    # Layer 2's pretrained weights are where the retrofitted layout keeps layer 2.
-    marked = jax.tree.map(np.copy, params)
-    marked["groups"]["blocks"][0]["mlp"]["W_down"][2] = 1.0
-    out = retrofit_params(marked, config)
-    assert float(jnp.sum(out["groups"]["blocks"][2]["mlp"]["W_down"])) == 64 * 32
-    assert float(jnp.sum(out["groups"]["blocks"][1]["mlp"]["W_down"])) == 0
+    base = dataclasses.replace(PRETRAINED, num_layers=4)
+    config = dataclasses.replace(base, retrofit=RetrofitOptions(inplace_layers=(0, 2)))
+    assert config.period == 2
+
+    def zeros(c):
+        abstract = _pure(nnx.eval_shape(lambda: LM(c, rngs=nnx.Rngs(0))))
+        return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+
+    # Each pretrained layer's weights land where the retrofitted layout keeps that layer
+    # (layer l at position l % 2, index l // 2), W_down transposed into the In-Place w_down.
+    params = zeros(base)
+    for layer in range(4):
+        params["groups"]["blocks"][0]["mlp"]["W_down"][layer] = layer + 1
+        params["groups"]["blocks"][0]["mlp"]["W_down"][layer, 0, 1] = -1
+    out = retrofit_params(params, config, fresh=lambda: zeros(config))
+    inplace = out["groups"]["blocks"][0]["mlp"]["w_down"]  # layers 0 and 2: [2, d, F]
+    swiglu = out["groups"]["blocks"][1]["mlp"]["W_down"]  # layers 1 and 3: [2, F, d]
+    assert inplace.shape == (2, 32, 64) and swiglu.shape == (2, 64, 32)
+    assert [float(inplace[i, 1, 0]) for i in range(2)] == [-1, -1]
+    assert [float(jnp.max(inplace[i])) for i in range(2)] == [1, 3]
+    assert [float(jnp.max(swiglu[i])) for i in range(2)] == [2, 4]
     params["groups"]["blocks"][0]["mlp"]["W_up"] = np.zeros((4, 32, 65), np.float32)
     with pytest.raises(
         ValueError, match=r"pretrained groups/blocks/0/mlp/W_up has shape \(4, 32, 65\)"

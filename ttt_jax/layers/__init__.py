@@ -9,7 +9,10 @@ One interface for every layer:
   modulating signal). The NPT MLP also returns its auxiliary loss: `(y, aux)`;
 - recurrent layers stream: `init_cache(batch_size)` and `decode(x, cache) -> (y, cache)` (TTT
   and LaCT take any number of tokens, `cache=None` starting a fresh sequence; In-Place TTT one
-  token, after `prefill`); pieces of any size give the outputs of one call.
+  token, after `prefill`); pieces of any size give the outputs of one call. Attention decodes
+  from a KV cache of fixed length: `prefill(x, max_length)` or `init_cache(batch_size,
+  max_length)`, then `decode(x, cache)` (`ttt_jax.models.decode` threads them all through the
+  LM).
 """
 
 # isort: skip_file
@@ -19,7 +22,7 @@ One interface for every layer:
 from ttt_jax.layers.common import BF16, FP32, MixedPrecision
 
 # --- attention, the baseline mixer
-from ttt_jax.layers.attention import Attention, AttentionConfig
+from ttt_jax.layers.attention import Attention, AttentionCache, AttentionConfig
 
 # --- TTT-Linear / TTT-MLP mixers (SPEC 3.1)
 from ttt_jax.layers.ttt_layer import TTTMLP, TTTCache, TTTConfig, TTTLayer, TTTLinear
@@ -44,6 +47,7 @@ __all__ = [
     "MixedPrecision",
     # attention
     "Attention",
+    "AttentionCache",
     "AttentionConfig",
     # TTT-Linear / TTT-MLP
     "TTTCache",

@@ -18,6 +18,11 @@ Precision (`MixedPrecision`): parameters in `param_dtype`; projections and the o
 `compute_dtype` with fp32 accumulation; the TTT branch's elementwise work (scale, silu, L2 norm,
 RoPE angles), the rates, momentum and every norm in fp32; fast weights in `state_dtype`.
 
+Packed documents: `layer(x, segment_ids)` (`[B, T]` integers, a new document wherever the id
+changes) gives each document the outputs it would get alone: the window attention masks keys of
+other documents, RoPE positions count from 0 at each document's first token, and the fast
+weight restarts at each document (the op's `segment_ids`).
+
 Streaming: `layer.decode(x, cache) -> (y, cache')` continues a sequence (`layer(x)` is
 `layer.decode(x)[0]`, a fresh one). The cache
 (`LaCTCache`) holds the fast weights after the last complete chunk, the TTT inputs of the
@@ -45,6 +50,8 @@ from ttt_jax.ops.core import (
     check_policy_names,
     check_positive_int,
     check_scan_knobs,
+    check_shapes,
+    doc_spans,
     matmul,
     rms_norm,
     wide_dtype,
@@ -54,6 +61,7 @@ from ttt_jax.ops.lact import NAMES as LACT_NAMES
 from ttt_jax.ops.rope import rope
 
 MUON_DTYPES = ("float32", "bfloat16")
+BACKWARD_DTYPES = ("float32", "bfloat16")
 
 L2_EPS = 1e-6
 
@@ -85,6 +93,9 @@ class LaCTConfig:
       attention_impl: "auto" (cuDNN on a GPU where it applies, else XLA), "xla" or "cudnn".
       precision: the mixed-precision policy.
       checkpoint_group, remat_policy, backward: the op's memory knobs (`lact_swiglu`).
+      backward_dtype: "float32", "bfloat16" or None, the op's `backward_dtype` (operand dtype
+        of the backward's matmuls under bf16 compute; None and "float32": plain autodiff,
+        fp32 products; "bfloat16": bf16 products, fp32 accumulation).
       debug: reject non-finite TTT inputs and rates (the op's `checkify` check).
     """
 
@@ -108,6 +119,7 @@ class LaCTConfig:
     checkpoint_group: int | None = None
     remat_policy: str | None = None
     backward: str = "custom"
+    backward_dtype: str | None = None
     debug: bool = False
 
     def __post_init__(self):
@@ -139,6 +151,8 @@ class LaCTConfig:
             check_choice("LaCTConfig.muon_dtype", self.muon_dtype, MUON_DTYPES)
         check_choice("LaCTConfig.attention_impl", self.attention_impl, IMPLEMENTATIONS)
         check_choice("LaCTConfig.backward", self.backward, BACKWARDS)
+        if self.backward_dtype is not None:
+            check_choice("LaCTConfig.backward_dtype", self.backward_dtype, BACKWARD_DTYPES)
         if not isinstance(self.precision, MixedPrecision):
             raise ValueError(
                 f"LaCTConfig.precision must be a MixedPrecision, got {self.precision!r}"
@@ -287,34 +301,64 @@ class LaCTLayer(nnx.Module):
             position=jnp.zeros((), jnp.int32),
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """Whole-sequence forward: `x: [B, T, d]` -> `y: [B, T, d]` in the compute dtype.
 
         The sequence starts at position 0 and the fast weight at `slow_weights()` (gradients
-        reach the start through the whole scan).
+        reach the start through the whole scan). `segment_ids: [B, T]` integers pack
+        documents in each row (module docstring); None: one document.
         """
-        y, _ = self.decode(x)
+        if segment_ids is None:
+            y, _ = self.decode(x)
+            return y
+        check_layer_input(x, self.config.d_model)
+        check_shapes([("x", x, ("B", "T", "d")), ("segment_ids", segment_ids, ("B", "T"))])
+        if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+            raise ValueError(
+                f"segment_ids must have an integer dtype, got {jnp.result_type(segment_ids)}"
+            )
+        y, _ = self._read(x, self._empty_cache(x.shape[0], None), segment_ids)
         return y
 
-    def decode(self, x: jax.Array, cache: LaCTCache | None = None) -> tuple[jax.Array, LaCTCache]:
+    def decode(
+        self, x: jax.Array, cache: LaCTCache | None = None, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, LaCTCache]:
         """Reads `x: [B, T, d]` (any T >= 1) continuing from `cache` (None: a fresh sequence,
         exactly as `__call__`).
+
+        A decode streams one document: `segment_ids` is rejected (a ValueError); start the
+        next document from `init_cache`, or call the layer on the packed row.
 
         Returns:
           `y: [B, T, d]` in the compute dtype, and the `LaCTCache` after these tokens.
         """
-        c = self.config
-        cd = c.precision.compute_dtype
-        check_layer_input(x, c.d_model)
+        if segment_ids is not None:
+            raise ValueError(
+                "LaCTLayer.decode streams one document and does not take segment_ids: start "
+                "each document from init_cache(batch_size), or call the layer on the packed "
+                "row (layer(x, segment_ids=...))"
+            )
+        check_layer_input(x, self.config.d_model)
         if cache is None:
             cache = self._empty_cache(x.shape[0], None)
         check_cache(cache, LaCTCache, lambda cache: cache.q.shape[0], x.shape[0])
+        return self._read(x, cache, None)
+
+    def _read(self, x: jax.Array, cache: LaCTCache, segment_ids: jax.Array | None):
+        """`decode` after its checks; with `segment_ids` (a fresh cache only) positions count
+        per document and attention and the op restart at each one."""
+        c = self.config
+        cd = c.precision.compute_dtype
         b, t, d = x.shape
         x = x.astype(cd)
-        positions = cache.position + jnp.arange(t)
+        if segment_ids is None:
+            positions, mask = cache.position + jnp.arange(t), None
+        else:
+            positions = doc_spans(segment_ids).within
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
         qkv = matmul("btd,dje->btje", x, self.W_qkv[...], cd).astype(cd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        attn, attn_k, attn_v = self._attention(q, k, v, positions, cache)
+        attn, attn_k, attn_v = self._attention(q, k, v, positions, cache, mask)
 
         fq, fk, fv = self._ttt_inputs(q, k, v, positions)
         lr = jax.nn.softplus(self._project(x, self.W_lr[...]) + self.b_lr[...])  # [B, T, 3, H]
@@ -339,11 +383,13 @@ class LaCTLayer(nnx.Module):
             use_muon=c.use_muon,
             muon_dtype=c.muon_dtype,
             weight_norm=c.weight_norm,
+            segment_ids=segment_ids,
             initial_state=cache.ttt,
             checkpoint_group=c.checkpoint_group,
             remat_policy=c.remat_policy,
             state_dtype=c.precision.state_dtype,
             backward=c.backward,
+            backward_dtype=c.backward_dtype,
             debug=c.debug,
         )
         o = rms_norm(o[:, n:], self.ttt_norm[...], c.norm_eps)
@@ -371,15 +417,16 @@ class LaCTLayer(nnx.Module):
         """`x @ w` over d for the rate, momentum and scale heads, returned in fp32."""
         return matmul("btd,d...->bt...", x, w, self.config.precision.compute_dtype)
 
-    def _attention(self, q, k, v, positions, cache: LaCTCache):
-        """The windowed attention branch and the keys / values it keeps for the next call."""
+    def _attention(self, q, k, v, positions, cache: LaCTCache, mask=None):
+        """The windowed attention branch and the keys / values it keeps for the next call
+        (`mask: [B, 1, T, T]`, segments, only without cached keys)."""
         c = self.config
         b, t, d = q.shape
         heads = (b, t, c.num_heads, d // c.num_heads)
         q = rope(q.reshape(heads), positions, c.rope_theta)
         k = jnp.concatenate([cache.attn_k, rope(k.reshape(heads), positions, c.rope_theta)], 1)
         v = jnp.concatenate([cache.attn_v, v.reshape(heads)], 1)
-        o = attend(q, k, v, window=c.window, implementation=c.attention_impl)
+        o = attend(q, k, v, window=c.window, mask=mask, implementation=c.attention_impl)
         keep = min(c.window - 1, k.shape[1])
         return o.reshape(b, t, d), k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :]
 

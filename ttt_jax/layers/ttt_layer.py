@@ -45,8 +45,14 @@ from ttt_jax.ops.core import (
 from ttt_jax.ops.rope import rope
 from ttt_jax.ops.ttt import IMPLS as TTT_IMPLS
 from ttt_jax.ops.ttt import NAMES as TTT_NAMES
-from ttt_jax.ops.ttt import resolve_impl
-from ttt_jax.ops.ttt import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
+from ttt_jax.ops.ttt import (
+    TTTLinearState,
+    TTTMLPState,
+    resolve_impl,
+    resolve_mlp_impl,
+    ttt_linear,
+    ttt_mlp,
+)
 
 # The post LayerNorm's epsilon, and the dtype it computes in whatever the compute dtype (SPEC 4).
 POST_NORM_EPS = 1e-6
@@ -72,13 +78,14 @@ class TTTConfig:
       remat_policy: policy name inside a remat group (`ttt_jax.ops.core.remat`).
       precision: the mixed-precision policy.
       unroll: inner scan unroll (speed only).
-      impl: TTT-Linear's implementation (`ttt_jax.ops.ttt.ttt_linear`): "auto" (the fused
-        Pallas kernel on a GPU for the calls it supports, the XLA scan elsewhere and with
-        `segment_ids`, which the kernel does not take yet), "xla", "pallas" or
-        "pallas_interpret". TTT-MLP runs the XLA scan whatever this says.
+      impl: the TTT op's implementation (`ttt_jax.ops.ttt.ttt_linear` / `ttt_mlp`): "auto"
+        (the fused Pallas kernel on a GPU for the calls it supports, the XLA scan elsewhere and
+        with `segment_ids`, which the kernels do not take yet), "xla", "pallas" or
+        "pallas_interpret".
       kernel_checkpoint_group: the kernel's state-checkpoint spacing in mini-batches (what
         `checkpoint_group` is to the XLA scan): its backward keeps the fp32 state every this
-        many mini-batches, `B H ceil(T / (C G)) (D^2 + D) 4` bytes.
+        many mini-batches, `B H ceil(T / (C G)) (D^2 + D) 4` bytes (TTT-MLP, hidden F:
+        `(2 D F + F + D) 4` per checkpoint and head).
     """
 
     d_model: int
@@ -326,14 +333,23 @@ class TTTLayer(nnx.Module):
     def _ttt(self, q, k, v, eta, state, segment_ids=None):
         c = self.config
         knobs = dict(checkpoint_group=c.checkpoint_group, remat_policy=c.remat_policy)
-        op = ttt_mlp
         if c.inner == "linear":
             op = ttt_linear
             backend = resolve_impl(
                 c.impl, q, c.mini_batch_size, c.precision.state_dtype, segment_ids
             )
-            if backend != "xla":  # the kernel's own checkpoint spacing; no remat policy
-                knobs = dict(impl=backend, checkpoint_group=c.kernel_checkpoint_group)
+        else:
+            op = ttt_mlp
+            backend = resolve_mlp_impl(
+                c.impl,
+                q,
+                c.mlp_ratio * c.head_dim,
+                c.mini_batch_size,
+                c.precision.state_dtype,
+                segment_ids,
+            )
+        if backend != "xla":  # the kernel's own checkpoint spacing; no remat policy
+            knobs = dict(impl=backend, checkpoint_group=c.kernel_checkpoint_group)
         return op(
             q,
             k,

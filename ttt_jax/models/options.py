@@ -108,6 +108,7 @@ class LaCTOptions:
     checkpoint_group: int | None = None
     remat_policy: str | None = None
     backward: str = "custom"
+    backward_dtype: str | None = None
     debug: bool = False
 
 

@@ -14,10 +14,11 @@ A `Family` entry says everything the model, the memory tools and the trainer nee
 Document boundaries (`segment_ids`): attention masks across segments; In-Place TTT restarts
 its chunks and fast weight at each segment; TTT-Linear / TTT-MLP restart their q/k convs, RoPE
 positions, mini-batches and fast weights at each document (the Pallas kernel does not take
-segment ids yet: with them the TTT layers run the XLA scan). LaCT does NOT reset: its fast
-weights flow from one packed document into the next, and its window attention and RoPE run
-over the packed row as one sequence (positions from 0 at the row start).
-`resets_at_segments` records this per family.
+segment ids yet: with them the TTT layers run the XLA scan); LaCT masks its window attention
+across documents, counts its RoPE positions from each document's start and restarts its
+chunks and fast weights (slow weights, zero momentum) at each document. A packed row then
+gives every document the outputs it would get alone. `resets_at_segments` records this per
+family.
 
 `fast_weights` names the parameters that are a fast weight's initial value (the optimizer
 exempts them from weight decay: decaying them would pull the inner model's start towards 0,
@@ -209,9 +210,9 @@ MIXERS: dict[str, Family] = {
         LaCTLayer,
         _lact,
         options="lact",
+        inputs=("segment_ids",),
         recurrent=True,
         chunk_field="chunk_size",
-        resets_at_segments=False,
         fast_weights=("w0", "w1", "w2", "w0_left", "w0_right", "w2_left", "w2_right"),
         flops=_lact_flops,
     ),

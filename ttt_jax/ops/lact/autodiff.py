@@ -35,9 +35,9 @@ def put_chunk(buffers: Chunk, values: Chunk, start: jax.Array | int) -> Chunk:
     )
 
 
-def read_tail(ws: tuple[jax.Array, ...], q: jax.Array, start: int, cd) -> jax.Array:
+def read_tail(ws: tuple[jax.Array, ...], q: jax.Array, start: int, cd, bd=None) -> jax.Array:
     """`f_W(q)` of the tokens from `start` on (the partial chunk), in q's dtype."""
-    return apply_fast_weights(ws, q[:, start:], cd).astype(q.dtype)
+    return apply_fast_weights(ws, q[:, start:], cd, bd).astype(q.dtype)
 
 
 def autodiff_reads(
@@ -68,6 +68,6 @@ def autodiff_reads(
         )
         parts.append(merge_time(o, None, n * c))
     if n * c < t:
-        parts.append(read_tail(state[0], inputs.q, n * c, cfg.compute_dtype))
+        parts.append(read_tail(state[0], inputs.q, n * c, cfg.compute_dtype, cfg.backward_dtype))
     o = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     return o, state

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.core.numerics import matmul, wide_dtype
+from ttt_jax.ops.core.numerics import wide_dtype
+from ttt_jax.ops.lact.mixed_matmul import mixed_matmul
 
 # Newton-Schulz iteration of Muon: per-step (a, b, c) of `X <- a X + (b A + c A^2) X`,
 # `A = X X^T` (SPEC 3.2). Tuned so 5 steps push every singular value near 1.
@@ -61,6 +62,9 @@ class ChunkConfig(NamedTuple):
     state_dtype: jnp.dtype
     checkpoint_group: int | None
     remat_policy: str | None
+    # Operand dtype of the backward's matmuls where the forward's are bf16 (`mixed_matmul`);
+    # None: plain autodiff (fp32 cotangent products).
+    backward_dtype: jnp.dtype | None = None
 
 
 class Chunk(NamedTuple):
@@ -92,13 +96,14 @@ def _stack02(w0: jax.Array, w2: jax.Array) -> jax.Array:
     return jnp.concatenate([w0, w2], axis=-2)
 
 
-def apply_fast_weights(ws: tuple[jax.Array, ...], q: jax.Array, cd) -> jax.Array:
-    """`f_W(q)` per token: `q: [B, L, H, D]` -> `[B, L, H, D]` fp32 (any L, no mixing over L)."""
+def apply_fast_weights(ws: tuple[jax.Array, ...], q: jax.Array, cd, bd=None) -> jax.Array:
+    """`f_W(q)` per token: `q: [B, L, H, D]` -> `[B, L, H, D]` fp32 (any L, no mixing over L).
+    `bd`: operand dtype of the backward's matmuls (`mixed_matmul`; None: plain autodiff)."""
     w0, w1, w2 = ws
     dh = w0.shape[-2]
-    ab = matmul("bchd,bhed->bhce", q, _stack02(w0, w2), cd)
+    ab = mixed_matmul("bchd,bhed->bhce", q, _stack02(w0, w2), cd, bd)
     hidden = checkpoint_name(jax.nn.silu(ab[..., :dh]) * ab[..., dh:], "lact_hidden")
-    return matmul("bhce,bhde->bchd", hidden, w1, cd)
+    return mixed_matmul("bhce,bhde->bchd", hidden, w1, cd, bd)
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -111,7 +116,7 @@ def _rate(lr: jax.Array) -> jax.Array:
     return jnp.swapaxes(_wide(lr), 1, 2)[..., None]
 
 
-def inner_grads(ws, k, v, lr0, lr1, lr2, cd) -> tuple[jax.Array, jax.Array, jax.Array]:
+def inner_grads(ws, k, v, lr0, lr1, lr2, cd, bd=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The chunk's ascent direction `(G0, G1, G2)` (module docstring), fp32, shaped like `ws`.
 
     Args:
@@ -119,50 +124,51 @@ def inner_grads(ws, k, v, lr0, lr1, lr2, cd) -> tuple[jax.Array, jax.Array, jax.
       k, v: `[B, C, H, D]`.
       lr0, lr1, lr2: `[B, C, H]` per-token rates of w0, w1, w2.
       cd: compute dtype of the matmuls.
+      bd: operand dtype of their backward (`mixed_matmul`; None: plain autodiff).
     """
     w0, w1, w2 = ws
     dh = w0.shape[-2]
-    ab = matmul("bchd,bhed->bhce", k, _stack02(w0, w2), cd)
+    ab = mixed_matmul("bchd,bhed->bhce", k, _stack02(w0, w2), cd, bd)
     a, bm = ab[..., :dh], ab[..., dh:]
-    p = matmul("bchd,bhde->bhce", v, w1, cd)
+    p = mixed_matmul("bchd,bhde->bhce", v, w1, cd, bd)
     sig = jax.nn.sigmoid(a)
     silu_a = a * sig
     # silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))).
     d0 = p * bm * sig * (1.0 + a * (1.0 - sig)) * _rate(lr0)
     d2 = p * silu_a * _rate(lr2)
-    g1 = matmul("bchd,bhce->bhde", v, silu_a * bm * _rate(lr1), cd)
+    g1 = mixed_matmul("bchd,bhce->bhde", v, silu_a * bm * _rate(lr1), cd, bd)
     # G0 and G2 both contract with K: one matmul (see `_stack02`). Stacked on a new axis, not
     # concatenated along Dh: XLA:CPU fuses a concatenated bf16 operand into a dot it cannot run
     # ("Unsupported element type for DotThunk: BF16 x BF16 = F32", jaxlib 0.10.2, B > 1).
-    g02 = matmul("bhzce,bchd->bhzed", jnp.stack([d0, d2], axis=2), k, cd)
+    g02 = mixed_matmul("bhzce,bchd->bhzed", jnp.stack([d0, d2], axis=2), k, cd, bd)
     return checkpoint_name((g02[:, :, 0], g1, g02[:, :, 1]), "lact_grad")
 
 
-def newton_schulz5(g: jax.Array, cd) -> jax.Array:
+def newton_schulz5(g: jax.Array, cd, bd=None) -> jax.Array:
     """Muon's orthogonalisation of `g: [..., R, S]` (fp32 in, fp32 out), per matrix.
 
     Works on the wide orientation (`R <= S`, transposing otherwise, as `NS(X^T) = NS(X)^T`) so
     that `X X^T` is the smaller Gram matrix; the iterate stays fp32 between steps, its matmuls
-    run in `cd`.
+    run in `cd` (their backward in `bd`, `mixed_matmul`).
     """
     tall = g.shape[-2] > g.shape[-1]
     x = jnp.swapaxes(g, -1, -2) if tall else g
     norm = jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True))
     x = x / (norm + NS_EPS)
     for a, b, c in NS_COEFFS:
-        gram = matmul("...ij,...kj->...ik", x, x, cd)
-        poly = b * gram + c * matmul("...ij,...jk->...ik", gram, gram, cd)
-        x = a * x + matmul("...ij,...jk->...ik", poly, x, cd)
+        gram = mixed_matmul("...ij,...kj->...ik", x, x, cd, bd)
+        poly = b * gram + c * mixed_matmul("...ij,...jk->...ik", gram, gram, cd, bd)
+        x = a * x + mixed_matmul("...ij,...jk->...ik", poly, x, cd, bd)
     return jnp.swapaxes(x, -1, -2) if tall else x
 
 
-def orthogonalise(gs: tuple[jax.Array, ...], cd) -> tuple[jax.Array, ...]:
+def orthogonalise(gs: tuple[jax.Array, ...], cd, bd=None) -> tuple[jax.Array, ...]:
     """`newton_schulz5` of the three updates (`[B, H, Dh, D]`, `[B, H, D, Dh]`, `[B, H, Dh, D]`)
     as one batch: each in its wide orientation (the same `[min, max]` shape for all three),
     stacked, so every Newton-Schulz step is 3 matmul calls rather than 9."""
     flip = [g.shape[-2] > g.shape[-1] for g in gs]
     wide = [jnp.swapaxes(g, -1, -2) if f else g for g, f in zip(gs, flip, strict=True)]
-    out = newton_schulz5(jnp.stack([_wide(g) for g in wide], axis=2), cd)  # [B, H, 3, r, s]
+    out = newton_schulz5(jnp.stack([_wide(g) for g in wide], axis=2), cd, bd)  # [B, H, 3, r, s]
     return tuple(
         jnp.swapaxes(out[:, :, i], -1, -2) if f else out[:, :, i] for i, f in enumerate(flip)
     )
@@ -197,13 +203,14 @@ def update_state(state: FastState, chunk: Chunk, ref_norms, cfg: ChunkConfig) ->
     # with bf16 q, k, v against the fp32 op on the same values (tests/test_lact_muon_dtype.py):
     # state error 2-5e-2 with bf16 gradients and NS, 1-5e-2 with fp32 NS alone, ~2e-6 with both.
     gd = cfg.muon_dtype if cfg.use_muon else cfg.compute_dtype
-    gs = inner_grads(ws, chunk.k, chunk.v, chunk.lr0, chunk.lr1, chunk.lr2, gd)
+    bd = cfg.backward_dtype
+    gs = inner_grads(ws, chunk.k, chunk.v, chunk.lr0, chunk.lr1, chunk.lr2, gd, bd)
     if cfg.use_momentum:
         beta = jnp.mean(_wide(chunk.beta), axis=1)[:, :, None, None]  # [B, H, 1, 1]
         ms = tuple((g + beta * m).astype(sd) for g, m in zip(gs, ms, strict=True))
         gs = ms
     if cfg.use_muon:
-        gs = orthogonalise(gs, cfg.muon_dtype)
+        gs = orthogonalise(gs, cfg.muon_dtype, bd)
     ws = tuple((w + g).astype(sd) for w, g in zip(ws, gs, strict=True))
     if cfg.weight_norm:
         ws = tuple(renormalise_rows(w, n).astype(sd) for w, n in zip(ws, ref_norms, strict=True))
@@ -214,5 +221,6 @@ def chunk_step(
     state: FastState, chunk: Chunk, ref_norms, cfg: ChunkConfig
 ) -> tuple[FastState, jax.Array]:
     """Apply-then-update of one complete chunk: `(state after, o: [B, C, H, D] in q's dtype)`."""
-    o = apply_fast_weights(state[0], chunk.q, cfg.compute_dtype).astype(chunk.q.dtype)
+    o = apply_fast_weights(state[0], chunk.q, cfg.compute_dtype, cfg.backward_dtype)
+    o = o.astype(chunk.q.dtype)
     return update_state(state, chunk, ref_norms, cfg), o

@@ -7,6 +7,8 @@ values (`math.py`: the math; optional momentum, Muon and weight norm). The famil
 - `math.py`: one chunk's read and inner step, batched over samples and heads;
 - `autodiff.py`: chunk slicing and the plain-autodiff form (`backward="autodiff"`);
 - `vjp.py`: the custom VJP that keeps only chunk-boundary states (`backward="custom"`);
+- `packed.py`: packed documents (`segment_ids`), chunks restarting at each document;
+- `mixed_matmul.py`: the matmul whose backward takes bf16 operands (`backward_dtype`);
 - `op.py` (this file): the public op, its state, argument checks, and the low-rank initial
   weights.
 """
@@ -31,6 +33,7 @@ from ttt_jax.ops.core.checks import (
 from ttt_jax.ops.core.numerics import matmul, wide_dtype
 from ttt_jax.ops.core.scan import check_scan_knobs
 from ttt_jax.ops.lact.math import NAMES, Chunk, ChunkConfig, row_norms
+from ttt_jax.ops.lact.packed import packed_reads
 from ttt_jax.ops.lact.vjp import lact_reads
 
 LOW_RANK_IDENTITY = 0.5
@@ -59,7 +62,9 @@ def _check_bool(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
-def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict[str, int]:
+def _check_args(
+    q, k, v, rates, momentum, weights, initial_state, segment_ids, knobs
+) -> dict[str, int]:
     w0, w1, w2 = weights
     check_positive_int("chunk_size", knobs["chunk_size"])
     check_choice("backward", knobs["backward"], BACKWARDS)
@@ -67,8 +72,9 @@ def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict
         _check_bool(name, knobs[name])
     check_float(q=q, k=k, v=v, momentum=momentum, w0=w0, w1=w1, w2=w2, **rates)
     check_float_dtype("state_dtype", knobs["state_dtype"])
-    if knobs["muon_dtype"] is not None:
-        check_float_dtype("muon_dtype", knobs["muon_dtype"])
+    for name in ("muon_dtype", "backward_dtype"):
+        if knobs[name] is not None:
+            check_float_dtype(name, knobs[name])
     tokens = ("B", "T", "H", "D")
     specs = [
         ("q", q, tokens),
@@ -79,6 +85,7 @@ def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict
         ("w0", w0, ("H", "Dh", "D")),
         ("w1", w1, ("H", "D", "Dh")),
         ("w2", w2, ("H", "Dh", "D")),
+        ("segment_ids", segment_ids, ("B", "T")),
     ]
     if initial_state is not None:
         if not isinstance(initial_state, LaCTState):
@@ -91,6 +98,10 @@ def _check_args(q, k, v, rates, momentum, weights, initial_state, knobs) -> dict
                 value = getattr(initial_state, field)
                 specs.append((f"initial_state.{field}", value, ("B", *shape)))
     dims = check_shapes(specs)
+    if segment_ids is not None and not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+        raise ValueError(
+            f"segment_ids must have an integer dtype, got {jnp.result_type(segment_ids)}"
+        )
     check_nonempty("q", q)
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -127,11 +138,13 @@ def lact_swiglu(
     use_muon: bool = False,
     muon_dtype=None,
     weight_norm: bool = True,
+    segment_ids: jax.Array | None = None,
     initial_state: LaCTState | None = None,
     checkpoint_group: int | None = None,
     remat_policy: str | None = None,
     state_dtype=jnp.float32,
     backward: str = "custom",
+    backward_dtype=None,
     debug: bool = False,
 ) -> tuple[jax.Array, LaCTState]:
     """LaCT's SwiGLU fast weight over a sequence: read each chunk, then learn from it.
@@ -162,6 +175,11 @@ def lact_swiglu(
         the default it is the fp32 computation (~1e-6; `tests/test_lact_muon_dtype.py`).
         "bfloat16" is the fast opt-in; its cost over the default is in benchmarks/RESULTS.md.
       weight_norm: rescale rows after each update (default on).
+      segment_ids: `[B, T]` integers, a new document wherever the id changes (None: one
+        document). Chunks restart at each document's first token, every document after the
+        first starts from `w0, w1, w2` with zero momentum (the first from `initial_state`),
+        and the state returned is the last document's: a packed row gives each document the
+        outputs it would get alone (`packed.py`).
       initial_state: state to continue from (`LaCTState`, `[B, H, ...]`); None starts every
         sample at `w0, w1, w2` with zero momentum.
       checkpoint_group: G: with `backward="custom"` the forward saves every G-th chunk-boundary
@@ -171,6 +189,12 @@ def lact_swiglu(
         `ttt_jax.ops.lact.NAMES`); the custom backward keeps nothing but states either way.
       state_dtype: dtype of the fast weights, momentum and updates (fp32 by default).
       backward: "custom" (the memory-lean `jax.custom_vjp`, `vjp.py`) or "autodiff".
+      backward_dtype: operand dtype of the backward's matmuls where the forward's are narrower
+        than fp32 (bf16 compute): "bfloat16" rounds each cotangent to bf16 before its matmul
+        (fp32 accumulation, `mixed_matmul.py`), the bf16 rate on the 288 of 512 GEMM units of
+        a forward+backward that otherwise run as fp32 (TF32 on Hopper). None: plain autodiff
+        (fp32 x fp32 products). No effect under fp32 or fp64 compute, nor on the fp32 update
+        direction of Muon's default `muon_dtype`. Reverse-mode only when set.
       debug: check that q, k, v, the rates and momentum are finite (`checkify.check`: wrap a
         jitted caller in `checkify.checkify`; eager calls raise at once).
 
@@ -194,8 +218,10 @@ def lact_swiglu(
         remat_policy=remat_policy,
         state_dtype=state_dtype,
         backward=backward,
+        backward_dtype=backward_dtype,
     )
-    dims = _check_args(q, k, v, rates, momentum, (w0, w1, w2), initial_state, knobs)
+    weights = (w0, w1, w2)
+    dims = _check_args(q, k, v, rates, momentum, weights, initial_state, segment_ids, knobs)
     if debug:
         _check_finite(q=q, k=k, v=v, momentum=momentum, **rates)
     sd = jnp.dtype(state_dtype)
@@ -209,6 +235,12 @@ def lact_swiglu(
         state_dtype=sd,
         checkpoint_group=checkpoint_group,
         remat_policy=remat_policy,
+        # The accumulation dtype itself is plain autodiff (`mixed_matmul` would only repeat it).
+        backward_dtype=(
+            None
+            if backward_dtype is None or jnp.dtype(backward_dtype) == wide_dtype(q.dtype)
+            else jnp.dtype(backward_dtype)
+        ),
     )
     b = dims["B"]
     slow = (w0, w1, w2)
@@ -222,9 +254,15 @@ def lact_swiglu(
     ref_norms = tuple(row_norms(w) for w in slow) if weight_norm else (None, None, None)
     inputs = Chunk(q, k, v, lr0, lr1, lr2, momentum)
     state = (ws, ms if momentum is not None else ())
-    o, (ws, ms_out) = lact_reads(
-        state, inputs, ref_norms, n=dims["T"] // chunk_size, cfg=cfg, backward=backward
-    )
+    if segment_ids is None:
+        o, (ws, ms_out) = lact_reads(
+            state, inputs, ref_norms, n=dims["T"] // chunk_size, cfg=cfg, backward=backward
+        )
+    else:
+        reset = tuple(w.astype(sd) for w in slow)
+        o, (ws, ms_out) = packed_reads(
+            state, inputs, ref_norms, reset, segment_ids, cfg=cfg, backward=backward
+        )
     if momentum is None:
         ms_out = tuple(jnp.zeros_like(w) for w in ws)
     return o, LaCTState(*ws, *ms_out)

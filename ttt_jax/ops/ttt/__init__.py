@@ -3,6 +3,7 @@
 from ttt_jax.ops.ttt.linear import NAMES, TTTLinearState, ttt_linear
 from ttt_jax.ops.ttt.linear_kernel import IMPLS, resolve_impl
 from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
+from ttt_jax.ops.ttt.mlp_kernel import resolve_impl as resolve_mlp_impl
 from ttt_jax.ops.ttt.primal import ttt_linear_primal, ttt_mlp_primal
 
 __all__ = [
@@ -15,4 +16,5 @@ __all__ = [
     "ttt_mlp",
     "ttt_mlp_primal",
     "resolve_impl",
+    "resolve_mlp_impl",
 ]

@@ -142,8 +142,7 @@ def _config(launch: Launch | None, default: Launch, **static) -> MLPKernelConfig
     bf = launch.hidden_block or min(default.hidden_block or f, f)
     if bf < 16 or bf & (bf - 1) or f % bf:
         raise ValueError(
-            f"Launch.hidden_block={bf} must be a power of two >= 16 dividing the hidden width "
-            f"F={f}"
+            f"Launch.hidden_block={bf} must be a power of two >= 16 dividing the hidden width F={f}"
         )
     return MLPKernelConfig(
         **static,

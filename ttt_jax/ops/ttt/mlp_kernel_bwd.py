@@ -121,7 +121,9 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
                 z1b, x2b, s2_n, p_n = mm.read_block(q, attn1, g1, w1c, b1s[n], x2s[n], w2c, cd)
                 s2, z2b = s2 + s2_n, z2b + p_n
                 p2 = p2 + km.dot(x2s[n], dstate.get(n)[1], cd)
-                for lst, val in zip((hs, gps, g1s, z1bs, x2bs), (hn, gp, g1, z1b, x2b)):
+                for lst, val in zip(
+                    (hs, gps, g1s, z1bs, x2bs), (hn, gp, g1, z1b, x2b), strict=True
+                ):
                     lst.append(val)
             s2_1 = s2 + 1.0
             attn2 = e * s2_1
@@ -161,7 +163,7 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
                 # gelu'' enters here: G1 depends on Z1 through gelu'(Z1).
                 dz1 = dg1 * hs[n] * mm.gelu_tanh_grad2(z1s[n])
                 dg2 += km.dot(dh, w2c, cd)
-                for lst, val in zip((dz1bs, dx2s, dz1s, dhs), (dz1b, dx2, dz1, dh)):
+                for lst, val in zip((dz1bs, dx2s, dz1s, dhs), (dz1b, dx2, dz1, dh), strict=True):
                     lst.append(val)
             # --- G2 = LN-L2 gradient of Z2 = X2 W2 + b2 against t = v - k
             dz2, dt, dgamma_rows, dbeta_rows = km.inner_grad_bwd(

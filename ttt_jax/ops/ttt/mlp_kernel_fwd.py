@@ -290,4 +290,3 @@ def forward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, 
         out_shape += [jax.ShapeDtypeStruct((bsz, heads, cfg.n_groups, *s), f32) for s in fields]
     kernel = kernel_partial(_forward_kernel, cfg=cfg, with_checkpoints=with_checkpoints)
     return call(kernel, cfg, out_shape, q, k, v, eta, token_scale, ln_scale, ln_bias, *state)
-
