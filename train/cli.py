@@ -1,7 +1,8 @@
 """The command line: `python -m train [--preset NAME] [--field value ...]`.
 
-The preset is read first so that `--model.*` flags override the chosen preset's fields, not
-the default one's; everything else is tyro over `TrainConfig`. The same flags are first parsed
+The preset (or `--init-from`'s checkpoint, whose model and tokenizer become the defaults:
+`train.init_from`) is read first so that `--model.*` flags override the chosen model's fields,
+not the default one's; everything else is tyro over `TrainConfig`. The same flags are first parsed
 by `train.flags` (plain argparse): its validation errors are the project's `ValueError`s, which
 `python -m train` prints as one line naming the flag (tyro would wrap them in a box); tyro then
 builds the config (and explains malformed flags, with suggestions). Without tyro installed (a
@@ -49,14 +50,37 @@ FLAGS = {
 }
 
 
+def _init_from_defaults(default: TrainConfig, known: argparse.Namespace) -> TrainConfig:
+    """`default` with `--init-from`'s model and tokenizer. The data flags are read here too:
+    the default must be a valid config, and the checkpoint's model is one only with its data
+    (an HF checkpoint's vocab is not the stdlib corpus's bytes)."""
+    from train.init_from import default_tokenizer, pretrained_config
+
+    path = known.init_from
+    model = pretrained_config(path)
+    data = {k: v for k, v in (("source", known.source), ("path", known.path)) if v is not None}
+    tokenizer = default_tokenizer(path)
+    if tokenizer is not None:
+        data["tokenizer"] = tokenizer
+    data = dataclasses.replace(default.data, **data)
+    return dataclasses.replace(default, model=model, data=data, init_from=path)
+
+
 def parse(argv: list[str] | None = None) -> TrainConfig:
     """`TrainConfig` from the command line (validation errors propagate as ValueError)."""
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--preset", default=TrainConfig.preset)
+    pre.add_argument("--preset", default=None)
+    pre.add_argument("--init-from", "--init_from", dest="init_from", default=None)
+    pre.add_argument("--data.source", dest="source", default=None)
+    pre.add_argument("--data.path", dest="path", default=None)
     known, _ = pre.parse_known_args(argv)
-    model = preset(known.preset)
-    default = dataclasses.replace(TrainConfig(), preset=known.preset, model=model)
+    name = TrainConfig.preset if known.preset is None else known.preset
+    default = dataclasses.replace(TrainConfig(), preset=name, model=preset(name))
+    if known.init_from is not None:
+        if known.preset is not None:
+            raise ValueError("--preset and --init-from both choose the model: pass one of them")
+        default = _init_from_defaults(default, known)
     try:
         import tyro
     except ImportError:

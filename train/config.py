@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Literal
 
 from train.sharding import DEFAULT_RULES
@@ -219,13 +220,19 @@ class TrainConfig:
       grad_accum: micro-batches per step (gradients summed before one update).
       steps: total optimizer steps.
       seed: parameter init and data order.
-      run_dir: checkpoints, metrics and config (default `runs/<preset>`); a run found there is
-        resumed.
+      run_dir: checkpoints, metrics and config (default `runs/<preset>`, or
+        `runs/finetune-<name>` with `init_from`); a run found there is resumed.
       fresh: delete an existing run in run_dir instead of resuming it.
       stop_after: stop (with a checkpoint) after this step, as a preemption would.
       nonfinite: `stop` at a non-finite loss (exit 3), or `skip` the update and count it.
       memory_budget_gb: device memory for `--seq auto` (default: the device's).
       peak_flops: peak FLOP/s per device for MFU (default: a table of known accelerators).
+      init_from: start from a pretrained model (`train.init_from`): a Hugging Face checkpoint
+        directory or a ttt-jax run directory. The model is the checkpoint's (`--model.*` sets
+        what keeps its weights: precision, remat, options, `--model.retrofit.*`), text data is
+        read with its tokenizer, and a resumed run restores its own checkpoint instead.
+      only_new_params: train only the parameters the retrofit adds (`--model.retrofit.*`); the
+        pretrained ones are frozen (no update, no gradient, no optimizer state).
       optim, mesh, checkpoint, log, dist: see their classes.
     """
 
@@ -243,6 +250,8 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = "stop"
     memory_budget_gb: float | None = None
     peak_flops: float | None = None
+    init_from: str | None = None
+    only_new_params: bool = False
     optim: OptimConfig = OptimConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -258,7 +267,8 @@ class TrainConfig:
         _positive("TrainConfig.steps", self.steps)
         _positive("TrainConfig.stop_after", self.stop_after, allow_none=True)
         _int_in("TrainConfig.seed", self.seed, 0, 2**32)
-        _bools("TrainConfig", self, "fresh")
+        _bools("TrainConfig", self, "fresh", "only_new_params")
+        self._check_init_from()
         if self.run_dir is not None and (not isinstance(self.run_dir, str) or not self.run_dir):
             raise ValueError(f"TrainConfig.run_dir must be a non-empty path, got {self.run_dir!r}")
         if self.memory_budget_gb is not None:
@@ -289,9 +299,42 @@ class TrainConfig:
                 f"{self.model.vocab_size} is too small"
             )
 
+    def _check_init_from(self):
+        path = self.init_from
+        if path is not None:
+            if not isinstance(path, str) or not os.path.isfile(os.path.join(path, "config.json")):
+                raise ValueError(
+                    f"TrainConfig.init_from={path!r} is not a directory with a config.json (a "
+                    "Hugging Face checkpoint or a ttt-jax run directory)"
+                )
+            from train.init_from import check_architecture, is_run_dir, pretrained_config
+
+            check_architecture(self.model, pretrained_config(path))
+            if self.data.source == "stdlib" and not is_run_dir(path):
+                raise ValueError(
+                    "the stdlib corpus is raw bytes, not the tokens of the --init-from checkpoint: "
+                    "pass --data.source text --data.path FILE_OR_DIR (read with its tokenizer)"
+                )
+        if self.only_new_params:
+            if path is None:
+                raise ValueError(
+                    "TrainConfig.only_new_params needs init_from (the pretrained model whose "
+                    "parameters stay frozen)"
+                )
+            if not self.model.retrofit.active:
+                raise ValueError(
+                    "TrainConfig.only_new_params: the model has no retrofit, so no new parameters "
+                    "to train (set --model.retrofit.inplace-layers, npt-layers or branch-layers)"
+                )
+
     @property
     def resolved_run_dir(self) -> str:
-        return self.run_dir if self.run_dir is not None else f"runs/{self.preset}"
+        if self.run_dir is not None:
+            return self.run_dir
+        if self.init_from is not None:
+            name = os.path.basename(os.path.normpath(self.init_from)) or "model"
+            return f"runs/finetune-{name}"
+        return f"runs/{self.preset}"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, default=str)

@@ -11,6 +11,10 @@ inner loop then has to undo in every sequence.
 Muon (`optax.contrib.muon`) orthogonalises the updates of projection matrices (parameters with
 an `embed` axis and at least one other, not the vocab ones); every other parameter gets Muon's
 built-in AdamW. Its matrix learning rate is `muon_lr` on the same schedule shape.
+
+Training only some parameters (`--only-new-params`, `trainable`): the rule above (clipping
+included, so the frozen gradients do not count in the clipped norm) runs on the trainable
+parameters alone (`optax.multi_transform`), the others get a zero update and keep no moments.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from jax.sharding import PartitionSpec as P
 from ttt_jax.models import MIXERS, MLPS
 
 # The parameter names that hold a fast weight's initial value, per block part (the path
-# component a block's mixer or MLP sits under), from the families' registry entries.
+# component a block's mixer, MLP or retrofitted branch, a mixer family, sits under), from the
+# families' registry entries.
 FAST_WEIGHTS = {
     part: {name for family in families.values() for name in family.fast_weights}
-    for part, families in (("mixer", MIXERS), ("mlp", MLPS))
+    for part, families in (("mixer", MIXERS), ("mlp", MLPS), ("branch", MIXERS))
 }
 
 
@@ -85,10 +90,25 @@ def muon_dims(params, logical_specs):
     )
 
 
-def make_optimizer(cfg, total_steps: int, params, logical_specs) -> optax.GradientTransformation:
-    """The full update rule from an `OptimConfig` (`train.config`)."""
+def make_optimizer(
+    cfg, total_steps: int, params, logical_specs, trainable=None
+) -> optax.GradientTransformation:
+    """The full update rule from an `OptimConfig` (`train.config`).
+
+    `trainable`: a bool tree shaped like `params` (None: all train); the others are frozen
+    (module docstring).
+    """
     sched = schedule(cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
     mask = decay_mask(params, logical_specs)
+    dims = muon_dims(params, logical_specs) if cfg.muon else None
+    if trainable is not None:
+        # The rule runs on the trainable subtree, whose frozen leaves optax masks out: the
+        # per-leaf trees it takes are masked the same way.
+        def only(tree):
+            # `trainable` first: its leaves are a prefix of the tree (a Muon leaf is a tuple).
+            return jax.tree.map(lambda t, x: x if t else optax.MaskedNode(), trainable, tree)
+
+        mask, dims = only(mask), None if dims is None else only(dims)
     if cfg.muon:
         try:
             from optax.contrib import muon
@@ -104,10 +124,14 @@ def make_optimizer(cfg, total_steps: int, params, logical_specs) -> optax.Gradie
             adam_b2=cfg.b2,
             adam_weight_decay=cfg.weight_decay,
             adam_learning_rate=sched,
-            muon_weight_dimension_numbers=muon_dims(params, logical_specs),
+            muon_weight_dimension_numbers=dims,
         )
     else:
         inner = optax.adamw(
             sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
         )
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), inner)
+    rule = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), inner)
+    if trainable is None:
+        return rule
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+    return optax.multi_transform({"train": rule, "frozen": optax.set_to_zero()}, labels)

@@ -21,6 +21,21 @@ def banner(cfg, mesh, counts: dict, flops: float, data_info: str, resumed: int |
     m = cfg.model
     period = ", ".join(m.pattern)
     run = f"resumed from step {resumed}" if resumed is not None else "new run"
+    if cfg.init_from is not None and resumed is None:
+        run += f", initialised from {cfg.init_from}"
+    r = m.retrofit
+    recipes = [
+        f"{what} in layers {list(layers)}"
+        for what, layers in (
+            ("In-Place TTT MLP", r.inplace_layers),
+            ("NPT MLP", r.npt_layers),
+            (f"gated {r.branch} branch", r.branch_layers),
+        )
+        if layers
+    ]
+    if recipes:
+        trained = "only the new parameters train" if cfg.only_new_params else "all parameters train"
+        period = f"{period}; retrofit: {', '.join(recipes)}; {trained}; scan period {m.period}"
     return "\n".join(
         [
             f"ttt-jax train | python {platform.python_version()} jax {jax.__version__} "
@@ -29,7 +44,8 @@ def banner(cfg, mesh, counts: dict, flops: float, data_info: str, resumed: int |
             f"devices: {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}) over "
             f"{jax.process_count()} process(es) | mesh "
             + " ".join(f"{k}={v}" for k, v in mesh.shape.items()),
-            f"model: {cfg.preset}  [{period}] x {m.repeats}  d_model={m.d_model} "
+            f"model: {cfg.preset if cfg.init_from is None else cfg.init_from}  [{period}] x "
+            f"{m.repeats}  d_model={m.d_model} "
             f"layers={m.num_layers} heads={m.num_heads} d_ff={m.d_ff} vocab={m.vocab_size}  "
             f"precision={m.precision} block_remat={m.block_remat}",
             f"params: {_millions(counts['total'])} total ({_millions(counts['embedding'])} "

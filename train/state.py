@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from train.optim import make_optimizer, schedule
 from train.sharding import batch_sharding, like_params, param_shardings, replicated, under_mesh
 from train.step import make_eval_step, make_train_step
 from ttt_jax.models import LM, ModelConfig
+from ttt_jax.models.retrofit import base_config, new_params, retrofit_params
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "loss_mask")
 
@@ -30,7 +32,8 @@ class Setup:
       tx: the optimizer.
       train_step: jitted `(state, batch) -> (state, metrics)`, state donated.
       eval_step: jitted `(params, batch) -> sums`.
-      init_state: jitted `() -> state` (fresh parameters, laid out sharded).
+      init_state: `() -> state`, laid out sharded: fresh parameters, or with `init_from` the
+        pretrained ones read into their shardings and retrofitted (`train.init_from`).
       batch_sharding: NamedSharding of every `[A, m, T]` batch array.
       lr_schedule: step -> learning rate (for logs).
     """
@@ -59,20 +62,23 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abs_state))
     abs_params = nnx.to_pure_dict(abs_state)
     p_sh = param_shardings(logical, abs_params, cfg.mesh.rules, mesh)
-    tx = make_optimizer(cfg.optim, cfg.steps, abs_params, logical)
+    trainable = new_params(cfg.model) if cfg.only_new_params else None
+    tx = make_optimizer(cfg.optim, cfg.steps, abs_params, logical, trainable)
     rep = replicated(mesh)
     abs_opt = jax.eval_shape(tx.init, abs_params)
     o_sh = like_params(abs_opt, abs_params, p_sh, rep)
     state_sh = {"step": rep, "params": p_sh, "opt_state": o_sh, "skipped": rep}
 
-    def init_state():
-        params = _model_params(cfg.model, cfg.seed)
+    def state_of(params):
         return {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "opt_state": tx.init(params),
             "skipped": jnp.zeros((), jnp.int32),
         }
+
+    def init_state():
+        return state_of(_model_params(cfg.model, cfg.seed))
 
     abs_state = jax.eval_shape(init_state)
     abstract_state = jax.tree.map(
@@ -82,7 +88,9 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
     train_step = jax.jit(
         under_mesh(
             mesh,
-            make_train_step(graphdef, tx, cfg.nonfinite == "skip", cfg.data.uses_segments),
+            make_train_step(
+                graphdef, tx, cfg.nonfinite == "skip", cfg.data.uses_segments, trainable
+            ),
         ),
         in_shardings=(state_sh, b_sh),
         out_shardings=(state_sh, rep),
@@ -101,12 +109,45 @@ def make_setup(cfg, mesh: Mesh) -> Setup:
         tx=tx,
         train_step=train_step,
         eval_step=eval_step,
-        init_state=jax.jit(init_state, out_shardings=state_sh),
+        init_state=(
+            jax.jit(init_state, out_shardings=state_sh)
+            if cfg.init_from is None
+            else _init_from(cfg, mesh, state_of, state_sh)
+        ),
         batch_sharding=batch_sharding(mesh),
         lr_schedule=schedule(
             cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio
         ),
     )
+
+
+def _init_from(cfg, mesh: Mesh, state_of, state_sh):
+    """`() -> state` from the pretrained model at `cfg.init_from`: its params read straight into
+    the shardings of the model without the retrofit, then retrofitted under jit (the pretrained
+    buffers donated) into the run's layout."""
+    from train.init_from import load_pretrained_params
+
+    base = base_config(cfg.model)
+    abstract = nnx.eval_shape(lambda: LM(base, rngs=nnx.Rngs(cfg.seed)))
+    _, abs_state = nnx.split(abstract, nnx.Param)
+    logical = nnx.to_pure_dict(nnx.get_partition_spec(abs_state))
+    base_sh = param_shardings(logical, nnx.to_pure_dict(abs_state), cfg.mesh.rules, mesh)
+
+    def retrofit(pretrained):
+        fresh = lambda: _model_params(cfg.model, cfg.seed)  # noqa: E731
+        return state_of(retrofit_params(pretrained, cfg.model, fresh=fresh))
+
+    place = jax.jit(retrofit, in_shardings=(base_sh,), out_shardings=state_sh, donate_argnums=0)
+
+    def init_state():
+        pretrained = load_pretrained_params(cfg.init_from, base, base_sh)
+        with warnings.catch_warnings():
+            # The buffers of pretrained weights whose layout the retrofit changes cannot be
+            # reused for the output; the others are (that is what donating them is for).
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            return place(pretrained)
+
+    return init_state
 
 
 def spec_tree(shardings) -> dict:

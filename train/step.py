@@ -6,6 +6,10 @@ The loss is the mean next-token cross-entropy over every unmasked target of the 
 batch plus the MLPs' auxiliary loss: each micro-batch contributes `sum of its token losses / N`
 (N the global count of unmasked targets, known from the batch before any compute), so
 accumulating gradients over micro-batches gives exactly the gradient of the one big batch.
+
+Frozen parameters (`--only-new-params`) are read through `stop_gradient`: their gradient is
+zero by construction, so XLA drops the weight-gradient matmuls it would otherwise compute and
+throw away (activation gradients still flow through them to the trainable layers below).
 """
 
 from __future__ import annotations
@@ -39,8 +43,10 @@ def make_train_step(
     tx: optax.GradientTransformation,
     skip_nonfinite: bool,
     segments: bool = True,
+    trainable=None,
 ) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)` (module docstring)."""
+    """`train_step(state, batch) -> (state, metrics)` (module docstring); `trainable` is a
+    bool tree shaped like the params (None: all train)."""
 
     def train_step(state, batch):
         params = state["params"]
@@ -48,6 +54,8 @@ def make_train_step(
         count = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def objective(p, micro):
+            if trainable is not None:
+                p = jax.tree.map(lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
             nll, correct, aux = token_losses(graphdef, p, micro, segments)
             return nll / count + aux / n_acc, (nll, correct, aux)
 

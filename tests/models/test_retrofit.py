@@ -156,9 +156,9 @@ def test_layer_indices_choose_the_scan_period_and_are_checked():
     assert base_config(config).blocks == two.blocks
 
     bad = [
-        (dict(inplace_layers=(4,)), r"retrofit.inplace_layers must be distinct layer indices in \[0, 4\)"),
+        (dict(inplace_layers=(2,)), r"retrofit.inplace_layers must be distinct layer indices in \[0, 2\)"),
         (dict(npt_layers=(1, 1)), "retrofit.npt_layers must be distinct"),
-        (dict(inplace_layers=(1,), npt_layers=(1, 2)), r"layers \[1\] are in both"),
+        (dict(inplace_layers=(1,), npt_layers=(0, 1)), r"layers \[1\] are in both"),
         (dict(branch="attention"), "retrofit.branch"),
     ]  # fmt: skip
     for kw, message in bad:

@@ -79,9 +79,9 @@ class TTTConfig:
       precision: the mixed-precision policy.
       unroll: inner scan unroll (speed only).
       impl: the TTT op's implementation (`ttt_jax.ops.ttt.ttt_linear` / `ttt_mlp`): "auto"
-        (the fused Pallas kernel on a GPU for the calls it supports, the XLA scan elsewhere and
-        with `segment_ids`, which the kernels do not take yet), "xla", "pallas" or
-        "pallas_interpret".
+        (TTT-Linear: the fused Pallas kernel on a GPU for the calls it supports, the XLA scan
+        elsewhere and with `segment_ids`, which the kernels do not take yet; TTT-MLP: the XLA
+        scan, until its kernel is timed on a GPU), "xla", "pallas" or "pallas_interpret".
       kernel_checkpoint_group: the kernel's state-checkpoint spacing in mini-batches (what
         `checkpoint_group` is to the XLA scan): its backward keeps the fp32 state every this
         many mini-batches, `B H ceil(T / (C G)) (D^2 + D) 4` bytes (TTT-MLP, hidden F:
@@ -340,8 +340,10 @@ class TTTLayer(nnx.Module):
             )
         else:
             op = ttt_mlp
+            # "auto" keeps TTT-MLP on the XLA scan: its kernel passes the interpreter tests but
+            # has not been timed on a GPU yet (issue 17); "pallas" opts in.
             backend = resolve_mlp_impl(
-                c.impl,
+                "xla" if c.impl == "auto" else c.impl,
                 q,
                 c.mlp_ratio * c.head_dim,
                 c.mini_batch_size,
