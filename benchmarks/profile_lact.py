@@ -238,11 +238,16 @@ def name_class(name: str) -> str:
 
 
 def load_trace(trace_dir: str) -> dict:
-    """The newest `plugins/profile/*/*.trace.json.gz` under `trace_dir` (the perfetto JSON)."""
-    files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")))
+    """The newest `plugins/profile/*/*trace.json.gz` under `trace_dir` (Chrome-trace JSON)."""
+    files = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*trace.json.gz"))
     if not files:
-        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}/plugins/profile/")
-    with gzip.open(max(files, key=os.path.getmtime)) as f:
+        raise FileNotFoundError(f"no *trace.json.gz under {trace_dir}/plugins/profile/")
+    # The profiler's own `<host>.trace.json.gz` first; `perfetto_trace.json.gz` (written with
+    # `create_perfetto_trace=True`) holds the same events in the same JSON layout.
+    newest = max(
+        files, key=lambda f: (not os.path.basename(f).startswith("perfetto"), os.path.getmtime(f))
+    )
+    with gzip.open(newest) as f:
         return json.load(f)
 
 
@@ -396,13 +401,17 @@ def profile_one(shape, variant, mode, args, out: Path, iters: int, trace_iters: 
     row["xla_flops_static"] = float((cost or {}).get("flops", 0.0))
     row.update(time_jitted(fn, *args, iters=iters))
     trace_dir = out / "trace" / f"{variant}_{mode}"
-    with jax.profiler.trace(str(trace_dir)):
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         for _ in range(trace_iters):
             jax.block_until_ready(fn(*args))
-    events, lines = kernel_events(load_trace(str(trace_dir)))
-    for pb in glob.glob(str(trace_dir / "plugins" / "profile" / "*" / "*.xplane.pb")):
-        os.remove(pb)  # the JSON trace is kept; the protobuf only repeats it, larger
-    row["trace"] = dict(summarise(events, hlo, trace_iters), lines=lines)
+    try:
+        events, lines = kernel_events(load_trace(str(trace_dir)))
+    except (OSError, ValueError) as e:  # keep the timings; the xplane.pb stays for a re-parse
+        row["trace_error"] = f"{type(e).__name__}: {e}"[:300]
+    else:
+        for pb in glob.glob(str(trace_dir / "plugins" / "profile" / "*" / "*.xplane.pb")):
+            os.remove(pb)  # the JSON trace is kept; the protobuf only repeats it, larger
+        row["trace"] = dict(summarise(events, hlo, trace_iters), lines=lines)
     muon = VARIANTS[variant].get("use_muon", False)
     row["useful_tflop"] = (
         useful_flops(shape, muon) / 3 if mode == "fwd" else useful_flops(shape, muon)
@@ -493,7 +502,8 @@ def table(rows: list[dict], peak: float | None) -> str:
         if "error" in r:
             lines.append(f"| {r.get('variant')} | {r.get('mode')} | error: {r['error'][:120]} |")
             continue
-        tr, ms = r["trace"], r["median_ms"]
+        ms = r["median_ms"]
+        tr = r.get("trace") or dict(class_ms=dict.fromkeys(CLASSES, 0.0), busy_ms=0.0, span_ms=0.0)
         useful = r["useful_tflop"] / (ms * 1e-3)
         floor = r["executed_gemm_tflop"] * 1e12 / (peak * 1e12) * 1e3 if peak else float("nan")
         cm = tr["class_ms"]

@@ -21,6 +21,7 @@ from ttt_jax.memory.analysis import tree_bytes
 from ttt_jax.memory.layer_workload import GROUP_CANDIDATES
 from ttt_jax.memory.workload import Program, Remat, Workload, abstract_split
 from ttt_jax.models import FAMILIES, LM, ModelConfig
+from ttt_jax.ops.core import wide_dtype
 
 
 def next_token_loss(model: LM, tokens: jax.Array) -> jax.Array:
@@ -29,8 +30,10 @@ def next_token_loss(model: LM, tokens: jax.Array) -> jax.Array:
     logits, aux = model(tokens)
     labels = jnp.roll(tokens, -1, axis=1)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    mask = jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1
-    return jnp.sum(ce * mask) / (tokens.shape[0] * (tokens.shape[1] - 1)) + aux
+    mask = (jnp.arange(tokens.shape[1]) < tokens.shape[1] - 1).astype(ce.dtype)
+    loss = jnp.sum(ce * mask) / (tokens.shape[0] * (tokens.shape[1] - 1))
+    wide = wide_dtype(loss.dtype, aux.dtype)  # what implicit promotion gave: fp32 under bf16
+    return loss.astype(wide) + aux.astype(wide)
 
 
 # AdamW: two fp32 moments per parameter, the optimizer state the planner budgets for by

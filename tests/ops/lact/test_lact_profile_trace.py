@@ -95,7 +95,7 @@ def test_a_cpu_trace_has_no_device_events(prof, tmp_path):
     f = jax.jit(lambda a: jnp.sum(a @ a))
     a = jnp.ones((64, 64))
     f(a).block_until_ready()
-    with jax.profiler.trace(str(tmp_path)):
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
         f(a).block_until_ready()
     trace = prof.load_trace(str(tmp_path))
     assert any(e.get("ph") == "X" for e in trace["traceEvents"])  # host events are there

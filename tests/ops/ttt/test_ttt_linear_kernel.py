@@ -32,7 +32,7 @@ def make_inputs(b, t, h, d, c, seed, with_state):
         "b1": n((h, d), 0.1),
         "ln_scale": 1 + n((h, d), 0.1),
         "ln_bias": n((h, d), 0.1),
-        "token_scale": 1.0 / jnp.arange(1, c + 1) + n((c,), 0.05),
+        "token_scale": 1.0 / jnp.arange(1, c + 1, dtype=float) + n((c,), 0.05),
     }
     state = None
     if with_state:

@@ -64,7 +64,9 @@ def make_inputs(inner, b, t, dtype, seed=0, initial=False):
     p |= dict(W1=n((H, D, f), 0.3), b1=n((H, f), 0.1))
     if inner == "mlp":
         p |= dict(W2=n((H, f, D), 0.3), b2=n((H, D), 0.1))
-    p["token_scale"] = (1.0 / jnp.arange(1, C + 1) + n((C,), 0.05)).astype(dtype)
+    p["token_scale"] = (
+        1.0 / jnp.arange(1, C + 1, dtype=float) + n((C,), 0.05).astype(float)
+    ).astype(dtype)
     s0 = None
     if initial:
         fields = ("W1", "b1") if inner == "linear" else ("W1", "b1", "W2", "b2")

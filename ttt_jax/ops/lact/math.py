@@ -20,7 +20,9 @@ Layout: every function batches all samples and heads in one einsum. Token arrays
 from the op's `[B, T, H, ...]` inputs as `[B, C, H, ...]` and never transposed as a whole; the
 chunk's activations are `[B, H, C, Dh]` (batch dims leading, as the matmul units want them).
 Matmuls take their operands in the compute dtype and accumulate in fp32; the state, the inner
-gradients and the Newton-Schulz iterate are fp32 (`state_dtype`).
+gradients and the Newton-Schulz iterate are fp32 (`state_dtype`). Their backward is plain
+autodiff (fp32 cotangent products), or with `ChunkConfig.backward_dtype` bf16 products
+(`mixed_matmul.py`).
 """
 
 from __future__ import annotations

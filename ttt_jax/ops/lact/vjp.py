@@ -23,6 +23,10 @@ rebuild states when G > 1.
 Token arrays stay `[B, T, ...]`: chunks are fetched with dynamic slices and the output and
 every token cotangent are written into one carried buffer each, in place, so no chunked or
 transposed copy of the sequence is made.
+
+Where chunk j's tokens come from and where its outputs go is a *walk* (`DenseWalk`: the grid of
+C from position 0; `packed.PackedWalk`: the slots of packed documents, gathered and scattered
+by index), a static argument, so both layouts share this forward and backward.
 """
 
 from __future__ import annotations

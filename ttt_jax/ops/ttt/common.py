@@ -30,7 +30,8 @@ LN_EPS = 1e-6
 def layer_norm_l2_grad(
     z: jax.Array, target: jax.Array, scale: jax.Array, bias: jax.Array
 ) -> jax.Array:
-    """Gradient w.r.t. `z` of `1/2 ||LN(z) - target||^2`, per token (all `[B, H, C, D]`).
+    """Gradient w.r.t. `z` of `1/2 ||LN(z) - target||^2`, per token (`z, target: [B, H, C, D]`,
+    `scale, bias: [H, D]`).
 
     Closed form of the LayerNorm backward: with `x = (z - mu) / sigma` and
     `gx = (LN(z) - target) * scale`, `dz = (gx - mean(gx) - x * mean(gx * x)) / sigma`.
@@ -38,7 +39,8 @@ def layer_norm_l2_grad(
     mu = z.mean(-1, keepdims=True)
     inv_sigma = lax.rsqrt(((z - mu) ** 2).mean(-1, keepdims=True) + LN_EPS)
     xhat = (z - mu) * inv_sigma
-    gx = (xhat * scale[:, None, :] + bias[:, None, :] - target) * scale[:, None, :]
+    scale, bias = scale[None, :, None, :], bias[None, :, None, :]  # [H, D] -> [1, H, 1, D]
+    gx = (xhat * scale + bias - target) * scale
     return (
         gx - gx.mean(-1, keepdims=True) - xhat * (gx * xhat).mean(-1, keepdims=True)
     ) * inv_sigma
@@ -56,8 +58,8 @@ def lr_matrices(eta: jax.Array, token_scale: jax.Array) -> tuple[jax.Array, jax.
       `e_last: [B, H, C]`, its last row, which produces the next mini-batch's weights.
     """
     c = eta.shape[-1]
-    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
-    e = jnp.where(causal, token_scale[:, None] * eta[..., None, :], 0.0)
+    causal = jnp.tril(jnp.ones((1, 1, c, c), dtype=bool))
+    e = jnp.where(causal, token_scale[None, None, :, None] * eta[..., None, :], 0.0)
     return e, token_scale[-1] * eta
 
 

@@ -127,7 +127,7 @@ def ttt_linear(
     token_scale = token_scale.astype(acc)
     ln_scale = ln_scale.astype(acc)
     ln_bias = ln_bias.astype(acc)
-    ln_s, ln_b = ln_scale[:, None, :], ln_bias[:, None, :]  # [H, 1, D] against [B, H, C, D]
+    ln_s, ln_b = ln_scale[None, :, None, :], ln_bias[None, :, None, :]  # against [B, H, C, D]
     if initial_state is None:
         b = dims["B"]
         initial_state = TTTLinearState(
@@ -165,8 +165,10 @@ def ttt_linear(
         out = qc.astype(acc) + layer_norm(z_bar, ln_s, ln_b, eps=LN_EPS)
         ge = g * e_last[..., None]
         new = TTTLinearState(
-            W1=(s.W1 - matmul("bhcd,bhce->bhde", kc, ge, cd)).astype(state_dtype),
-            b1=(s.b1 - ge.sum(2)).astype(state_dtype),
+            W1=(s.W1.astype(acc) - matmul("bhcd,bhce->bhde", kc, ge, cd).astype(acc)).astype(
+                state_dtype
+            ),
+            b1=(s.b1.astype(acc) - ge.sum(2)).astype(state_dtype),
         )
         return new, out
 

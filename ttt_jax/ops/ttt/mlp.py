@@ -124,7 +124,7 @@ def ttt_mlp(
     token_scale = token_scale.astype(acc)
     ln_scale = ln_scale.astype(acc)
     ln_bias = ln_bias.astype(acc)
-    ln_s, ln_b = ln_scale[:, None, :], ln_bias[:, None, :]  # [H, 1, D] against [B, H, C, D]
+    ln_s, ln_b = ln_scale[None, :, None, :], ln_bias[None, :, None, :]  # against [B, H, C, D]
     if initial_state is None:
         b = dims["B"]
         initial_state = TTTMLPState(*(jnp.broadcast_to(p, (b, *p.shape)) for p in (W1, b1, W2, b2)))
@@ -167,10 +167,14 @@ def ttt_mlp(
         out = qc.astype(acc) + layer_norm(z2_bar, ln_s, ln_b, eps=LN_EPS)
         g1e, g2e = g1 * e_last[..., None], g2 * e_last[..., None]
         new = TTTMLPState(
-            W1=(s.W1 - matmul("bhcd,bhcf->bhdf", kc, g1e, cd)).astype(state_dtype),
-            b1=(s.b1 - g1e.sum(2)).astype(state_dtype),
-            W2=(s.W2 - matmul("bhcf,bhcd->bhfd", x2, g2e, cd)).astype(state_dtype),
-            b2=(s.b2 - g2e.sum(2)).astype(state_dtype),
+            W1=(s.W1.astype(acc) - matmul("bhcd,bhcf->bhdf", kc, g1e, cd).astype(acc)).astype(
+                state_dtype
+            ),
+            b1=(s.b1.astype(acc) - g1e.sum(2)).astype(state_dtype),
+            W2=(s.W2.astype(acc) - matmul("bhcf,bhcd->bhfd", x2, g2e, cd).astype(acc)).astype(
+                state_dtype
+            ),
+            b2=(s.b2.astype(acc) - g2e.sum(2)).astype(state_dtype),
         )
         return new, out
 
