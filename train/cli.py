@@ -68,6 +68,14 @@ def _init_from_defaults(default: TrainConfig, known: argparse.Namespace) -> Trai
 
 def parse(argv: list[str] | None = None) -> TrainConfig:
     """`TrainConfig` from the command line (validation errors propagate as ValueError)."""
+    from train.init_from import check
+
+    cfg = _parse(argv)
+    check(cfg)
+    return cfg
+
+
+def _parse(argv: list[str] | None) -> TrainConfig:
     argv = sys.argv[1:] if argv is None else argv
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--preset", default=None)

@@ -110,6 +110,21 @@ def check_architecture(model: ModelConfig, pretrained: ModelConfig) -> None:
             )
 
 
+def check(cfg) -> None:
+    """ValueError (naming the flag) for a `TrainConfig` whose `init_from` cannot start it: no
+    checkpoint there, a `--model.*` flag that changes its architecture, or the stdlib corpus's
+    bytes for an HF checkpoint's tokens."""
+    path = cfg.init_from
+    if path is None:
+        return
+    check_architecture(cfg.model, pretrained_config(path))
+    if cfg.data.source == "stdlib" and not is_run_dir(path):
+        raise ValueError(
+            "the stdlib corpus is raw bytes, not the tokens of the --init-from checkpoint: pass "
+            "--data.source text --data.path FILE_OR_DIR (read with its tokenizer)"
+        )
+
+
 def load_pretrained_params(path: str, config: ModelConfig, shardings) -> dict:
     """The pretrained params of `config` (the model without its retrofit) from `path`, laid
     out in `shardings` (a tree of shardings shaped like the params)."""
