@@ -24,12 +24,6 @@ HI = jax.lax.Precision.HIGHEST
 Bn, S, D, F, R, K, DM = 2, 6, 8, 12, 4, 3, 10
 
 
-@pytest.fixture(autouse=True)
-def strict_dtypes():
-    with jax.numpy_dtype_promotion("strict"):
-        yield
-
-
 def inputs(seed=0, d_mod=D):
     k1, k2 = jax.random.split(jax.random.key(seed))
     return jax.random.normal(k1, (Bn, S, D)), jax.random.normal(k2, (Bn, S, d_mod))

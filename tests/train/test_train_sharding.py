@@ -14,7 +14,9 @@ from tests._train_helpers import ROOT, env
 
 def test_sharded_step_equals_single_device_and_follows_rules():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_sharded_check.py")],
+        # As a module from the root: run as a script, its folder `tests/` would come first on
+        # sys.path and `import train` would find the test folder `tests/train/`.
+        [sys.executable, "-m", "tests._sharded_check"],
         cwd=ROOT,
         env=env(devices=8),
         capture_output=True,

@@ -17,12 +17,6 @@ from tests.ops.inplace.inplace_helpers import (
 from ttt_jax.ops.inplace.op import InPlaceState, inplace_ttt
 
 
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
-
-
 def bad_cases():
     good = make_inputs()
     yield "chunk_size", dict(chunk_size=0)

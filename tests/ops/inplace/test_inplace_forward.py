@@ -33,13 +33,6 @@ from tests.ops.inplace.inplace_helpers import (
 from ttt_jax.ops.inplace.op import inplace_ttt
 from ttt_jax.testing import rel_err
 
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
-
-
 # --- values
 
 

@@ -29,12 +29,6 @@ from ttt_jax.ops.inplace.op import inplace_ttt
 from ttt_jax.testing import rel_err
 
 
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 def test_gradients_of_every_implementation_equal_the_reference(packed):
     inputs = make_inputs(seed=4)

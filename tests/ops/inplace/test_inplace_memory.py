@@ -44,7 +44,7 @@ def materialising(z, target, w_down, w_target, conv_kernel, eta):
     zc = z.reshape(b, n, C, f)
     v = chunk_targets(target.reshape(b, n, C, -1), w_target, conv_kernel, "centered", z.dtype)
     deltas = jnp.einsum("bncd,bncf->bndf", v, zc)
-    w = w_down + eta * (jnp.cumsum(deltas, axis=1) - deltas)
+    w = w_down[None, None] + eta * (jnp.cumsum(deltas, axis=1) - deltas)
     return jnp.einsum("bncf,bndf->bncd", zc, w).reshape(b, t, -1)
 
 

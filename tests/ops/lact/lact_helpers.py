@@ -18,6 +18,7 @@ import numpy as np
 from tests.memory_helpers import run_fast
 from ttt_jax.memory.analysis import compile_lowered
 from ttt_jax.ops import LaCTState, lact_swiglu
+from ttt_jax.ops.core import wide_dtype
 from ttt_jax.testing import OP_TOL, rel_err
 
 B, H, D, DH, C = 2, 2, 4, 6, 4
@@ -103,10 +104,13 @@ def objective(x, w, s, mom, **kw):
     every field of the final state enters the gradient."""
     o, st = call(x, w, s, mom=mom, **kw)
     keys = jax.random.split(jax.random.PRNGKey(99), 7)
-    total = jnp.sum(o * jax.random.normal(keys[0], o.shape, o.dtype))
+    # Summed in the widest dtype present (what implicit promotion would give: fp32 under bf16
+    # outputs and an fp32 state), written out for the strict promotion the tests run under.
+    wide = wide_dtype(o.dtype, *(getattr(st, f).dtype for f in FIELDS))
+    total = jnp.sum(o * jax.random.normal(keys[0], o.shape, o.dtype)).astype(wide)
     for key, f in zip(keys[1:], FIELDS, strict=True):
         leaf = getattr(st, f)
-        total = total + jnp.sum(leaf * jax.random.normal(key, leaf.shape, leaf.dtype))
+        total = total + jnp.sum(leaf * jax.random.normal(key, leaf.shape, leaf.dtype)).astype(wide)
     return total
 
 

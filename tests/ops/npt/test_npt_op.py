@@ -14,12 +14,6 @@ HI = jax.lax.Precision.HIGHEST
 Bn, S, D, F, R, K = 2, 5, 6, 7, 3, 2
 
 
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
-
-
 def randn(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype)
 

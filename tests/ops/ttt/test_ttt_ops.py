@@ -1,9 +1,17 @@
-"""TTT-Linear / TTT-MLP ops: streaming, padding, dtypes, memory knobs, primal twin, bad input."""
+"""TTT-Linear / TTT-MLP ops: streaming, padding, dtypes, memory knobs, primal twin, bad input.
+
+The multi-token programs run jitted and compiled with the fast CPU options
+(`tests.memory_helpers.run_fast`): compiling is most of a test's time, eager dispatch compiles
+every small op on its own, and the options change no number the tests look at.
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from tests.memory_helpers import run_fast
 from ttt_jax.ops import (
     TTTLinearState,
     ttt_linear,
@@ -47,13 +55,24 @@ def sliced(x, a, b):
     return {k: v[:, a:b] for k, v in x.items()}
 
 
+@functools.cache
+def whole_37(inner):
+    """The one call every split of `test_streaming` is compared with (compiled once)."""
+    x, p = inputs(inner, 37)
+    return run_fast(lambda x: call(inner, x, p, mini_batch_size=8), x)
+
+
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 @pytest.mark.parametrize("split", [8, 16, 24])
 def test_streaming(inner, split):
     x, p = inputs(inner, 37)
-    o, s = call(inner, x, p, mini_batch_size=8)
-    o1, s1 = call(inner, sliced(x, 0, split), p, mini_batch_size=8)
-    o2, s2 = call(inner, sliced(x, split, 37), p, mini_batch_size=8, initial_state=s1)
+    o, s = whole_37(inner)
+    o1, s1 = run_fast(lambda x: call(inner, x, p, mini_batch_size=8), sliced(x, 0, split))
+    o2, s2 = run_fast(
+        lambda x, s: call(inner, x, p, mini_batch_size=8, initial_state=s),
+        sliced(x, split, 37),
+        s1,
+    )
     assert rel_err(jnp.concatenate([o1, o2], 1), o) <= OP_TOL
     for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s), strict=True):
         assert rel_err(a, b) <= OP_TOL
@@ -62,9 +81,13 @@ def test_streaming(inner, split):
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
 def test_partial_tail_reads_but_does_not_update(inner):
     x, p = inputs(inner, 40)
-    o_full, s_full = call(inner, sliced(x, 0, 32), p, mini_batch_size=8)
-    o_long, s_long = call(inner, x, p, mini_batch_size=8)  # 5 chunks
-    o_part, s_part = call(inner, sliced(x, 0, 35), p, mini_batch_size=8)  # 4 chunks + 3 tokens
+
+    def run(t):
+        return run_fast(lambda x: call(inner, x, p, mini_batch_size=8), sliced(x, 0, t))
+
+    o_full, s_full = run(32)
+    o_long, s_long = run(40)  # 5 chunks
+    o_part, s_part = run(35)  # 4 chunks + 3 tokens
     for a, b in zip(jax.tree.leaves(s_part), jax.tree.leaves(s_full), strict=True):
         assert jnp.array_equal(a, b)
     # Outputs of the partial chunk equal those of the same positions in the longer sequence.
@@ -82,8 +105,8 @@ def test_dual_equals_primal(inner):
         return jnp.sum(jnp.sin(o)) + sum(jnp.sum(a) for a in jax.tree.leaves(s))
 
     dual = ttt_linear if inner == "linear" else ttt_mlp
-    g_dual = jax.grad(lambda x, p: loss(dual, x, p), argnums=(0, 1))(x, p)
-    g_primal = jax.grad(lambda x, p: loss(primal, x, p), argnums=(0, 1))(x, p)
+    g_dual = run_fast(jax.grad(lambda x, p: loss(dual, x, p), argnums=(0, 1)), x, p)
+    g_primal = run_fast(jax.grad(lambda x, p: loss(primal, x, p), argnums=(0, 1)), x, p)
     for a, b in zip(jax.tree.leaves(g_dual), jax.tree.leaves(g_primal), strict=True):
         assert rel_err(a, b) <= OP_TOL
 
@@ -106,7 +129,7 @@ def test_gradients_identical_for_every_knob(inner):
             o, s = call(inner, x, p, mini_batch_size=4, **kw)
             return jnp.sum(o * o) + jnp.sum(s.W1)
 
-        return jax.jit(jax.grad(loss, argnums=(0, 1)))(x, p)
+        return run_fast(jax.grad(loss, argnums=(0, 1)), x, p)
 
     ref = jax.tree.leaves(grads())
     for kw in KNOBS:

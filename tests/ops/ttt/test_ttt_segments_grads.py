@@ -4,7 +4,9 @@ and the initial state's is the first document's; the memory knobs do not change 
 one document matches the unsegmented path to rounding.
 
 The loss is a fixed random projection of the outputs and of the final state (the last
-document's), so every output and every state field carries a cotangent.
+document's), so every output and every state field carries a cotangent. Every gradient is
+compiled once with the fast CPU options (`tests.memory_helpers.run_fast`): compiling is most of
+the time these tests take.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.ops.ttt.test_ttt_segments import (
+from tests.memory_helpers import run_fast
+from tests.ops.ttt.segments_helpers import (
     LAYOUTS,
     TOL,
     alone,
@@ -51,7 +54,7 @@ def packed_loss(inner, dtype, group, policy, x, p, s0, ct_o, ct_s):
 
 
 def alone_loss(inner, dtype, x, p, s0, ct_o, ct_s):
-    """The same loss with every document by itself (`test_ttt_segments.alone`: no document
+    """The same loss with every document by itself (`segments_helpers.alone`: no document
     sees another), so its gradient is the documents' gradients summed."""
     outs, states = alone(inner, x, p, s0, LAYOUTS, dtype)
     total = 0.0
@@ -73,7 +76,7 @@ def grads(inner, dtype, initial, group, policy, how):
         else:
             loss = functools.partial(alone_loss, inner, dtype)
         argnums = (0, 1, 2) if initial else (0, 1)
-        g = jax.jit(jax.grad(loss, argnums=argnums))(x, p, s0, ct_o, ct_s)
+        g = run_fast(jax.grad(loss, argnums=argnums), x, p, s0, ct_o, ct_s)
         return jax.tree.map(np.asarray, g)
 
 
@@ -136,8 +139,8 @@ def test_one_document_gradient_matches_the_unsegmented_path(inner):
         o, s = run(inner, x, p, s0, segment_ids=seg, checkpoint_group=2)
         return jnp.sum(o * jnp.sin(o)) + sum(jnp.sum(w**2) for w in jax.tree.leaves(s))
 
-    g_plain = jax.jit(jax.grad(lambda *a: loss(*a, None), argnums=(0, 1, 2)))(x, p, s0)
+    g_plain = run_fast(jax.grad(lambda *a: loss(*a, None), argnums=(0, 1, 2)), x, p, s0)
     one_doc = jnp.zeros((2, T), jnp.int32)
-    g_one = jax.jit(jax.grad(lambda *a: loss(*a, one_doc), argnums=(0, 1, 2)))(x, p, s0)
+    g_one = run_fast(jax.grad(lambda *a: loss(*a, one_doc), argnums=(0, 1, 2)), x, p, s0)
     for a, b in zip(jax.tree.leaves(g_one), jax.tree.leaves(g_plain), strict=True):
         assert rel_err(a, b) <= 1e-6
