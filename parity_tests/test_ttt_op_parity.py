@@ -12,6 +12,7 @@ import torch
 
 import ttt_torch_ref
 from parity_tests.convert import state_to_torch, to_numpy, to_torch
+from ttt_jax.memory.analysis import compile_lowered
 from ttt_jax.ops import TTTLinearState, TTTMLPState, ttt_linear, ttt_mlp
 from ttt_jax.testing import GPU_BF16_TOL, OP_TOL, rel_err
 
@@ -68,6 +69,12 @@ def probes(seed, out_shape, state):
     return r_out, r_state
 
 
+def fast(fn, *args):
+    """`jax.jit(fn)(*args)` compiled with the fast CPU options: eagerly, every small op of the
+    forward and backward compiles on its own, most of the time this file took."""
+    return compile_lowered(jax.jit(fn).lower(*args))(*args)
+
+
 CASES = [
     # inner, T, C, checkpoint_group, initial state
     ("linear", 32, 8, None, False),
@@ -103,7 +110,7 @@ def test_op_parity(inner, t, c, group, with_state):
             checkpoint_group=group,
         )
 
-    o, s = run(x, params, state0)
+    o, s = fast(run, x, params, state0)
     r_out, r_state = probes(t, o.shape, s)
 
     def objective(x, params, state0):
@@ -113,7 +120,7 @@ def test_op_parity(inner, t, c, group, with_state):
             for a, r in zip(jax.tree.leaves(s), jax.tree.leaves(r_state), strict=True)
         )
 
-    gx, gp, gs = jax.grad(objective, argnums=(0, 1, 2))(x, params, state0)
+    gx, gp, gs = fast(jax.grad(objective, argnums=(0, 1, 2)), x, params, state0)
 
     # --- torch reference on the same numbers.
     tx = {k: to_torch(v, requires_grad=True) for k, v in x.items()}

@@ -1,6 +1,9 @@
 """Shared by the In-Place TTT op tests (`test_inplace_forward.py`, `test_inplace_grads.py`,
 `test_inplace_errors.py`): small inputs, the plain per-document, per-chunk reference the op is
-checked against, the jitted op and the gradient of a random linear loss."""
+checked against, the jitted op and the gradient of a random linear loss. Each gradient is a one-off
+program, compiled with the fast CPU options (`tests.memory_helpers.run_fast`); the op and the
+reference are `jax.jit`s (the op one cached jit that many tests call with the same shapes, the
+reference also called inside those gradients)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.memory_helpers import run_fast
 from ttt_jax.ops.inplace.op import InPlaceState, inplace_ttt
 
 HI = jax.lax.Precision.HIGHEST
@@ -162,4 +166,4 @@ def grads_of(run, inputs, eta=ETA, seed=9):
         eta = params.pop("eta")
         return loss_fn(lambda p: run(p, eta), params, ct, cs)
 
-    return jax.jit(jax.grad(loss))(dict(inputs, eta=jnp.asarray(eta)))
+    return run_fast(jax.grad(loss), dict(inputs, eta=jnp.asarray(eta)))

@@ -2,7 +2,9 @@
 gets the outputs (and the last one the final state) it gets alone, in fp32 and float64; one
 document is the unsegmented path bit for bit; the primal twin agrees; bad ids are ValueErrors.
 
-Gradients are in `test_ttt_segments_grads.py`, the layer in `test_ttt_segments_layer.py`.
+Gradients are in `test_ttt_segments_grads.py`, the layer in `test_ttt_segments_layer.py`. The
+packed calls compile with the fast CPU options (`tests.memory_helpers.run_fast`); the bit-for-bit
+comparison keeps the default pipeline, the one whose bits it claims.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.memory_helpers import run_fast
 from tests.ops.ttt.segments_helpers import (
     LAYOUTS,
     TOL,
@@ -41,7 +44,7 @@ def packed_vs_alone(inner, dtype, initial, group):
     with x64(dtype):
         x, p, s0, (outs, states) = reference(inner, dtype, initial)
         knobs = dict(checkpoint_group=group, segment_ids=segment_ids(LAYOUTS))
-        o, s = jax.jit(lambda x, p, s0: run(inner, x, p, s0, dtype=dtype, **knobs))(x, p, s0)
+        o, s = run_fast(lambda x, p, s0: run(inner, x, p, s0, dtype=dtype, **knobs), x, p, s0)
         assert o.dtype == dtype
         out_err = state_err = 0.0
         for row, lens in enumerate(LAYOUTS):
@@ -75,7 +78,7 @@ def test_fewer_tokens_than_a_mini_batch(inner):
     # T < C: no slot at all; the first document reads the initial state, the second the reset.
     x, p, s0 = make_inputs(inner, 1, 3, np.float32, initial=True)
     seg = jnp.asarray([[5, 7, 7]])
-    o, s = jax.jit(lambda x, p, s0: run(inner, x, p, s0, segment_ids=seg))(x, p, s0)
+    o, s = run_fast(lambda x, p, s0: run(inner, x, p, s0, segment_ids=seg), x, p, s0)
     outs, states = alone(inner, x, p, s0, [(1, 2)], np.float32)
     assert rel_err(o, jnp.concatenate(outs[0], 1)) <= 1e-5
     for got, want in zip(jax.tree.leaves(s), jax.tree.leaves(states[0]), strict=True):
@@ -100,9 +103,9 @@ def test_one_document_is_the_unsegmented_path_bit_for_bit(inner, t, initial, gro
 def test_primal_twin_with_segments(inner):
     x, p, s0 = make_inputs(inner, len(LAYOUTS), T, np.float32, initial=True)
     seg = segment_ids(LAYOUTS)
-    o, s = jax.jit(lambda x, p, s0: run(inner, x, p, s0, segment_ids=seg))(x, p, s0)
-    o_p, s_p = jax.jit(lambda x, p, s0: run(inner, x, p, s0, primal=True, segment_ids=seg))(
-        x, p, s0
+    o, s = run_fast(lambda x, p, s0: run(inner, x, p, s0, segment_ids=seg), x, p, s0)
+    o_p, s_p = run_fast(
+        lambda x, p, s0: run(inner, x, p, s0, primal=True, segment_ids=seg), x, p, s0
     )
     assert rel_err(o_p, o) <= 1e-5
     for a, b in zip(jax.tree.leaves(s_p), jax.tree.leaves(s), strict=True):
