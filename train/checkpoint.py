@@ -72,8 +72,17 @@ def _data_problem(data: dict) -> str | None:
     return None
 
 
-def verify(step: int, manifest, state, data: dict) -> str | None:
-    """What is wrong with a restored step (None: it matches its manifest)."""
+def verify(step: int, manifest, state, data: dict | None, *, prefix: str = "") -> str | None:
+    """What is wrong with a restored step (None: it matches its manifest).
+
+    Args:
+      step: the step the entry is named by.
+      manifest: its manifest as read back.
+      state: the restored arrays: the whole state, or the subtree under `prefix`.
+      data: the restored data iterator state (None: not restored, not checked).
+      prefix: `"params/"` when `state` is only the params: the manifest's arrays under that
+        prefix must then be exactly the leaves of `state`.
+    """
     if not isinstance(manifest, dict) or manifest.get("format") != ALGORITHM:
         return f"has a manifest of unknown format ({str(manifest)[:80]})"
     if manifest.get("step") != step:
@@ -81,6 +90,7 @@ def verify(step: int, manifest, state, data: dict) -> str | None:
     saved = manifest.get("arrays")
     if not isinstance(saved, dict):
         return "has a manifest without arrays"
+    saved = {p[len(prefix) :]: v for p, v in saved.items() if p.startswith(prefix)}
     paths = leaf_paths(state)
     missing, extra = sorted(set(saved) - set(paths)), sorted(set(paths) - set(saved))
     if missing or extra:
@@ -98,6 +108,8 @@ def verify(step: int, manifest, state, data: dict) -> str | None:
             f"failed verification: checksum mismatch in array {', '.join(bad[:3])}{more} "
             f"({len(bad)} of {len(paths)} arrays)"
         )
+    if data is None:
+        return None
     if manifest.get("data") != data_digest(data):
         return "failed verification: the data iterator state does not match its checksum"
     return _data_problem(data)
@@ -206,6 +218,41 @@ class Checkpointer:
                 "checkpoints away, or pass --fresh to delete this run and start over"
             )
         return None
+
+    def restore_latest_params(self) -> tuple[int, dict]:
+        """`(step, params)` of the newest step whose params verify (`--init-from RUN_DIR`).
+
+        The arrays are read without a target (to the host, whatever optimizer the run had) and
+        only the `params` subtree is checked against the manifest; a step that fails is skipped
+        with a warning, as in `restore_latest`.
+
+        Raises:
+          CheckpointError: no step, or none whose params verify (the reasons, per step).
+        """
+        entries = self.entries()
+        for step in reversed(entries):
+            try:
+                got = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        manifest=ocp.args.JsonRestore(), state=ocp.args.StandardRestore()
+                    ),
+                )
+                manifest, params = got["manifest"], got["state"]["params"]
+            except Exception as err:  # noqa: BLE001 - whatever fails, the step is not used
+                problem = f"is unreadable ({_brief(err)})"
+            else:
+                problem = verify(step, manifest, params, None, prefix="params/")
+            if problem is None:
+                return step, params
+            self.rejected[step] = problem
+            log.warning("checkpoint at step %d in %s %s; trying the previous one",
+                        step, self.directory, problem)  # fmt: skip
+        reasons = "; ".join(f"step {s} {self.rejected[s]}" for s in reversed(entries))
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} has params that verify"
+            + (f" ({reasons})" if entries else " (there are no checkpoints)")
+        )
 
     # ----------------------------------------------------------------- save
 

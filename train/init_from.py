@@ -2,7 +2,8 @@
 
 `PATH` is a Hugging Face checkpoint directory (`config.json` with a `model_type`, safetensors
 weights, usually a `tokenizer.json`; read by `ttt_jax.convert`) or a ttt-jax run directory
-(`config.json` with a `model`, `checkpoints/<step>/`; its newest step's parameters). The
+(`config.json` with a `model`, `checkpoints/<step>/`; the parameters of its newest step whose
+checksums verify, `train.checkpoint`). The
 checkpoint decides the model's architecture (`pretrained_config`): the `--model.*` flags may set
 what does not change the pretrained parameters (precision, remat, family options, the retrofit:
 `--model.retrofit.*`) and nothing else (`check_architecture`). The retrofitted model's
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import typing
 
 from ttt_jax.convert.hf_config import ARCHITECTURE_FIELDS
 from ttt_jax.models import ModelConfig
 from ttt_jax.models.config import OPTIONS, migrate_flat_fields
+
+log = logging.getLogger("train")
 
 
 def _read_json(path: str, flag: str = "--init-from") -> dict:
@@ -131,16 +135,21 @@ def load_pretrained_params(path: str, config: ModelConfig, shardings) -> dict:
     import jax
 
     if is_run_dir(path):
-        import orbax.checkpoint as ocp
+        from train.checkpoint import Checkpointer, CheckpointError
+        from train.config import CheckpointConfig
 
-        root = os.path.join(path, "checkpoints")
-        steps = sorted(
-            int(s) for s in (os.listdir(root) if os.path.isdir(root) else []) if s.isdigit()
-        )
-        if not steps:
+        if not os.path.isdir(os.path.join(path, "checkpoints")):
             raise ValueError(f"--init-from {path!r} is a run directory without checkpoints")
-        state = os.path.abspath(os.path.join(root, str(steps[-1]), "state"))
-        params = ocp.StandardCheckpointer().restore(state)["params"]
+        # The newest step whose params match their checksums; a corrupt one is skipped with a
+        # warning, never used (the same verification as resuming).
+        source = Checkpointer(path, CheckpointConfig(async_save=False))
+        try:
+            step, params = source.restore_latest_params()
+        except CheckpointError as err:
+            raise ValueError(f"--init-from {path!r}: {err}") from None
+        finally:
+            source.close()
+        log.info("--init-from %s: params of step %d (checksums verified)", path, step)
         params = _int_keys(params)
         return jax.tree.map(jax.device_put, params, shardings)
     from ttt_jax.convert import load_pretrained

@@ -292,3 +292,35 @@ def test_checksum_ignores_sharding_and_sees_every_word():
         assert tree_checksums({"x": raw})["x"] != base
         flat[i] ^= 0x80
     assert tree_checksums({"x": raw})["x"] == base
+
+
+def spoil(state_dir: pathlib.Path) -> None:
+    """Flips one byte in every 512 of every array file: each array is hit (or the file no
+    longer decodes); either way the step must not be used."""
+    for f in (p for p in state_dir.rglob("*") if p.is_file() and p.stat().st_size > 4096):
+        raw = bytearray(f.read_bytes())
+        for i in range(256, len(raw), 512):
+            raw[i] ^= 0x01
+        f.write_bytes(bytes(raw))
+
+
+def test_init_from_a_run_dir_reads_only_params_that_verify(tmp_path, caplog):
+    """`--init-from RUN_DIR` (`train.init_from.load_pretrained_params`): the newest step whose
+    params match the manifest, whatever the optimizer state; a corrupt one is skipped with a
+    warning, none at all is a ValueError naming the flag."""
+    from train.init_from import load_pretrained_params
+
+    ckpts = save_steps(tmp_path, [10, 20])
+    (tmp_path / "config.json").write_text(json.dumps({"model": {}}))
+    spoil(ckpts / "20" / "state")
+    shardings = jax.tree.map(lambda _: SHARDING, make_state(0)["params"])
+    with caplog.at_level(logging.WARNING, logger="train"):
+        params = load_pretrained_params(str(tmp_path), None, shardings)
+    assert_state_equal(params, make_state(10)["params"])
+    assert "checkpoint at step 20 " in caplog.text and "trying the previous one" in caplog.text
+
+    spoil(ckpts / "10" / "state")
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"--init-from .*no checkpoint in .* params that verify"):
+        load_pretrained_params(str(tmp_path), None, shardings)
+    assert snapshot(tmp_path) == before  # nothing of the source run changed
