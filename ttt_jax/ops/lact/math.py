@@ -202,8 +202,9 @@ def update_state(state: FastState, chunk: Chunk, ref_norms, cfg: ChunkConfig) ->
     # Under Muon the whole update direction is formed in `muon_dtype`, not only Newton-Schulz:
     # NS pushes every singular value towards 1, so the bf16 rounding of the gradient's operands
     # (the fp32 state and the activations cast to bf16) lands in the state amplified. Measured
-    # with bf16 q, k, v against the fp32 op on the same values (tests/test_lact_muon_dtype.py):
-    # state error 2-5e-2 with bf16 gradients and NS, 1-5e-2 with fp32 NS alone, ~2e-6 with both.
+    # with bf16 q, k, v against the fp32 op on the same values
+    # (tests/ops/lact/test_lact_muon_dtype.py): state error 2-5e-2 with bf16 gradients and NS,
+    # 1-5e-2 with fp32 NS alone, ~2e-6 with both.
     gd = cfg.muon_dtype if cfg.use_muon else cfg.compute_dtype
     bd = cfg.backward_dtype
     gs = inner_grads(ws, chunk.k, chunk.v, chunk.lr0, chunk.lr1, chunk.lr2, gd, bd)

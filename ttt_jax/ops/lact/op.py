@@ -172,7 +172,7 @@ def lact_swiglu(
         fp64 under fp64). Newton-Schulz amplifies rounding (it pushes every singular value,
         small noisy ones included, towards 1): with bf16 operands the state after a few chunks
         is 2-6e-2 away from the fp32 op on the same inputs, past SPEC 5's 2e-2 for bf16; with
-        the default it is the fp32 computation (~1e-6; `tests/test_lact_muon_dtype.py`).
+        the default it is the fp32 computation (~1e-6; `tests/ops/lact/test_lact_muon_dtype.py`).
         "bfloat16" is the fast opt-in; its cost over the default is in benchmarks/RESULTS.md.
       weight_norm: rescale rows after each update (default on).
       segment_ids: `[B, T]` integers, a new document wherever the id changes (None: one

@@ -30,7 +30,7 @@ Pallas interpreter, which cannot reach: the Triton compilation (PTX, registers, 
 the bf16 tensor-core MMAs and their rounding, `num_warps` / `num_stages`, the CTA barrier that
 orders the scratch's writes and reads, and 64-bit addressing of inputs over 4 GiB. The lowering
 to Triton IR itself does run on the CPU (`lower(lowering_platforms=("cuda",))`, tested); the GPU
-test (`tests/test_ttt_linear_kernel_gpu.py`) covers the rest.
+test (`tests/ops/ttt/test_ttt_linear_kernel_gpu.py`) covers the rest.
 """
 
 from __future__ import annotations
