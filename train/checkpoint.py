@@ -195,21 +195,11 @@ class Checkpointer:
           CheckpointError: steps exist but none verifies (nothing is changed on disk).
         """
         self._abstract = abstract_state
-        entries = self.entries()
-        for step in reversed(entries):
-            got = self._read(step, abstract_state)
-            if isinstance(got, str):
-                self.rejected[step] = got
-                log.warning(
-                    "checkpoint at step %d in %s %s; skipped (left as it is), trying the "
-                    "previous one",
-                    step,
-                    self.directory,
-                    got,
-                )
-                continue
+        step, got = self._newest(lambda s: self._read(s, abstract_state))
+        if step is not None:
             self.trusted.add(step)
             return step, got[0], got[1]
+        entries = got
         if entries:
             reasons = "; ".join(f"step {s} {self.rejected[s]}" for s in reversed(entries))
             raise CheckpointError(
@@ -218,6 +208,36 @@ class Checkpointer:
                 "checkpoints away, or pass --fresh to delete this run and start over"
             )
         return None
+
+    def _read_params(self, step: int):
+        """The params of a step if they match its manifest, else a string saying what failed."""
+        try:
+            got = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    manifest=ocp.args.JsonRestore(), state=ocp.args.StandardRestore()
+                ),
+            )
+            manifest, params = got["manifest"], got["state"]["params"]
+        except Exception as err:  # noqa: BLE001 - whatever fails, the step is not used
+            return f"is unreadable ({_brief(err)})"
+        problem = verify(step, manifest, params, None, prefix="params/")
+        return params if problem is None else problem
+
+    def _newest(self, read):
+        """`(step, read(step))` of the newest step that `read` accepts (a string is a refusal,
+        recorded and warned about); `(None, entries)` when there is none."""
+        entries = self.entries()
+        for step in reversed(entries):
+            got = read(step)
+            if not isinstance(got, str):
+                return step, got
+            self._reject(step, got, "skipped (left as it is), trying the previous one")
+        return None, entries
+
+    def _reject(self, step: int, problem: str, action: str) -> None:
+        self.rejected[step] = problem
+        log.warning("checkpoint at step %d in %s %s; %s", step, self.directory, problem, action)
 
     def restore_latest_params(self) -> tuple[int, dict]:
         """`(step, params)` of the newest step whose params verify (`--init-from RUN_DIR`).
@@ -229,25 +249,10 @@ class Checkpointer:
         Raises:
           CheckpointError: no step, or none whose params verify (the reasons, per step).
         """
-        entries = self.entries()
-        for step in reversed(entries):
-            try:
-                got = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        manifest=ocp.args.JsonRestore(), state=ocp.args.StandardRestore()
-                    ),
-                )
-                manifest, params = got["manifest"], got["state"]["params"]
-            except Exception as err:  # noqa: BLE001 - whatever fails, the step is not used
-                problem = f"is unreadable ({_brief(err)})"
-            else:
-                problem = verify(step, manifest, params, None, prefix="params/")
-            if problem is None:
-                return step, params
-            self.rejected[step] = problem
-            log.warning("checkpoint at step %d in %s %s; trying the previous one",
-                        step, self.directory, problem)  # fmt: skip
+        step, got = self._newest(self._read_params)
+        if step is not None:
+            return step, got
+        entries = got
         reasons = "; ".join(f"step {s} {self.rejected[s]}" for s in reversed(entries))
         raise CheckpointError(
             f"no checkpoint in {self.directory} has params that verify"
@@ -320,14 +325,7 @@ class Checkpointer:
                     "was never read" if self._abstract is None else self._read(step, self._abstract)
                 )
                 if isinstance(got, str):
-                    self.rejected[step] = got
-                    log.warning(
-                        "checkpoint at step %d in %s %s; kept (retention deletes only verified "
-                        "steps)",
-                        step,
-                        self.directory,
-                        got,
-                    )
+                    self._reject(step, got, "kept (retention deletes only verified steps)")
                     continue
                 del got
             self._delete(step)
