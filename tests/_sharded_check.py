@@ -14,12 +14,9 @@ from train.config import MeshConfig, TrainConfig
 from train.sharding import make_mesh
 from train.state import make_setup, spec_tree
 from ttt_jax.data import Batches, DataConfig, make_dataset
-from ttt_jax.models import ModelConfig, TTTOptions
+from ttt_jax.testing import micro_model
 
-model = ModelConfig(
-    vocab_size=32, d_model=32, num_layers=2, num_heads=2, d_ff=64,
-    ttt=TTTOptions(mini_batch_size=8, unroll=1, checkpoint_group=None), precision="fp32",
-)  # fmt: skip
+model = micro_model(vocab_size=32)
 data = DataConfig(source="mqar", mqar_pairs=3, mqar_vocab=32)
 base = TrainConfig(model=model, data=data, seq=16, batch_size=8, grad_accum=2, steps=4)
 batches = Batches(make_dataset(data, 16).train, 8)

@@ -17,3 +17,17 @@ def rel_err(a, b) -> float:
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def micro_model(**overrides):
+    """A `ModelConfig` that compiles in seconds on a CPU, for tests: vocab 64, 2 blocks of
+    d_model 32 (2 heads, SwiGLU d_ff 64), fp32, TTT mini-batches of 8 neither unrolled nor
+    rematerialised, the default pattern (attention and TTT-Linear); `overrides` replace fields.
+    """
+    from ttt_jax.models import ModelConfig, TTTOptions
+
+    fields = dict(
+        vocab_size=64, d_model=32, num_layers=2, num_heads=2, d_ff=64, precision="fp32",
+        ttt=TTTOptions(mini_batch_size=8, unroll=1, checkpoint_group=None),
+    )  # fmt: skip
+    return ModelConfig(**{**fields, **overrides})

@@ -22,16 +22,13 @@ from ttt_jax.models.decode import STEPS
 from ttt_jax.models.generate import generate
 from ttt_jax.models.options import AttentionOptions, RetrofitOptions
 from ttt_jax.models.registry import FAMILIES
-from ttt_jax.testing import OP_TOL, rel_err
+from ttt_jax.testing import OP_TOL, micro_model, rel_err
 
-BASE = ModelConfig(
+BASE = micro_model(
     vocab_size=32,
-    d_model=32,
     num_layers=1,
     num_heads=4,
-    d_ff=64,
     pattern=("attention/swiglu",),
-    precision="fp32",
     ttt=TTTOptions(mini_batch_size=4, checkpoint_group=None, unroll=1),
     lact=LaCTOptions(chunk_size=4, window=3, num_fw_heads=2),
     inplace=InPlaceOptions(chunk_size=4),

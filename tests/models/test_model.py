@@ -21,24 +21,13 @@ from ttt_jax.models import (
     InPlaceOptions,
     LaCTOptions,
     ModelConfig,
-    TTTOptions,
     flops_per_token,
     param_counts,
     preset,
 )
-from ttt_jax.testing import rel_err
+from ttt_jax.testing import micro_model, rel_err
 
-MICRO = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    num_layers=2,
-    num_heads=2,
-    d_ff=64,
-    pattern=("attention/swiglu", "ttt_linear/swiglu"),
-    ttt=TTTOptions(mini_batch_size=8, unroll=1, checkpoint_group=None),
-    inplace=InPlaceOptions(chunk_size=4),
-    precision="fp32",
-)
+MICRO = micro_model(inplace=InPlaceOptions(chunk_size=4))
 
 
 def tokens(b=2, t=16, seed=0, vocab=64):

@@ -15,24 +15,17 @@ import optax
 import pytest
 from flax import nnx
 
-from ttt_jax.models import LM, InPlaceOptions, LaCTOptions, ModelConfig, TTTOptions
+from ttt_jax.models import LM, InPlaceOptions, LaCTOptions, ModelConfig
 from ttt_jax.models.config import migrate_flat_fields
 from ttt_jax.models.options import RetrofitOptions
 from ttt_jax.models.retrofit import base_config, new_params, retrofit_params
-from ttt_jax.testing import rel_err
+from ttt_jax.testing import micro_model, rel_err
 
 # "The pretrained model": attention/SwiGLU blocks, random init (the recipes do not depend on
 # where the weights came from).
-PRETRAINED = ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    num_layers=2,
-    num_heads=2,
-    d_ff=64,
+PRETRAINED = micro_model(
     pattern=("attention/swiglu",),
-    precision="fp32",
     inplace=InPlaceOptions(chunk_size=8),
-    ttt=TTTOptions(mini_batch_size=8, checkpoint_group=None, unroll=1),
     lact=LaCTOptions(chunk_size=8, window=8, rank=4),
 )
 

@@ -18,13 +18,10 @@ from train.optim import decay_mask, muon_dims, schedule
 from train.sharding import make_mesh
 from train.state import make_setup
 from ttt_jax.data import Batches, DataConfig, make_dataset
-from ttt_jax.models import LM, LaCTOptions, ModelConfig, TTTOptions
-from ttt_jax.testing import rel_err
+from ttt_jax.models import LM, LaCTOptions
+from ttt_jax.testing import micro_model, rel_err
 
-MICRO = ModelConfig(
-    vocab_size=32, d_model=32, num_layers=2, num_heads=2, d_ff=64,
-    ttt=TTTOptions(mini_batch_size=8, unroll=1, checkpoint_group=None), precision="fp32",
-)  # fmt: skip
+MICRO = micro_model(vocab_size=32)
 # The step's arithmetic does not depend on the mixer: attention-only compiles fastest.
 STEP_MODEL = dataclasses.replace(MICRO, pattern=("attention/swiglu",))
 DATA = DataConfig(source="mqar", mqar_pairs=3, mqar_vocab=32)
