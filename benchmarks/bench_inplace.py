@@ -27,13 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (  # noqa: E402
-    environment,
-    markdown_table,
-    peak_bytes,
-    run_in_subprocess,
-    time_jitted,
-)
+from harness import environment, markdown_table, measure_modes, ran_as_child, run_in_subprocess  # noqa: E402
 
 MODELS = {"2048x6144": (2048, 6144), "4096x14336": (4096, 14336)}
 # variant -> (ttt, prefix)
@@ -77,15 +71,7 @@ def run_one(cfg: dict) -> dict:
 
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    out = dict(cfg)
-    for name, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
-        planned = fn.lower(params, x, emb).compile().memory_analysis()
-        out[f"{name}_temp_gb"] = planned.temp_size_in_bytes / 1e9
-        timing = time_jitted(fn, params, x, emb, iters=cfg["iters"])
-        out.update({f"{name}_{k}": v for k, v in timing.items()})
-        pb = peak_bytes()
-        out[f"{name}_peak_gb"] = None if pb is None else pb / 1e9
-    return out
+    return {**cfg, **measure_modes(dict(fwd=fwd, fwdbwd=fwd_bwd), (params, x, emb), cfg["iters"])}
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
@@ -113,8 +99,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", help="write the environment, command and results as JSON here")
     a = p.parse_args()
-    if a.one:
-        print(json.dumps(run_one(json.loads(a.one))))
+    if ran_as_child(a.one, run_one):
         return
     models = {k: MODELS[k] for k in a.models}
     if a.smoke:

@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import (  # noqa: E402
     environment,
     markdown_table,
-    peak_bytes,
+    measure_modes,
+    ran_as_child,
     run_in_subprocess,
     time_jitted,
 )
@@ -134,18 +135,12 @@ def run_one(cfg: dict) -> dict:
     args = make_inputs(cfg)
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
-    out = dict(cfg)
+    out = {**cfg, **measure_modes(dict(fwd=fwd, fwdbwd=fwd_bwd), args, cfg["iters"])}
     flops = forward_flops(
         cfg["batch"], cfg["seq"], cfg["heads"], cfg["d"], cfg["dh"], cfg["chunk"], cfg["muon"]
     )
-    for name, fn, count in (("fwd", fwd, flops), ("fwdbwd", fwd_bwd, 3 * flops)):
-        planned = fn.lower(*args).compile().memory_analysis()
-        out[f"{name}_temp_gb"] = planned.temp_size_in_bytes / 1e9
-        timing = time_jitted(fn, *args, iters=cfg["iters"])
-        out.update({f"{name}_{k}": v for k, v in timing.items()})
-        out[f"{name}_tflops"] = count / (timing["median_ms"] * 1e-3) / 1e12
-        pb = peak_bytes()
-        out[f"{name}_peak_gb"] = None if pb is None else pb / 1e9
+    for name, count in (("fwd", flops), ("fwdbwd", 3 * flops)):
+        out[f"{name}_tflops"] = count / (out[f"{name}_median_ms"] * 1e-3) / 1e12
     out["fwd_gflop"] = flops / 1e9
     return out
 
@@ -202,8 +197,7 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600, help="seconds per config")
     p.add_argument("--out-dir", help="write lact.json and lact.log here")
     a = p.parse_args()
-    if a.one:
-        print(json.dumps(run_one(json.loads(a.one))))
+    if ran_as_child(a.one, run_one):
         return
     for v in a.variants:
         parse_variant(v)

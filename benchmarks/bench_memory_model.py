@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, markdown_table, run_in_subprocess  # noqa: E402
+from harness import environment, markdown_table, ran_as_child, run_in_subprocess  # noqa: E402
 
 REMATS = {
     "preset": None,
@@ -235,8 +235,7 @@ def main() -> None:
     p.add_argument("--plan-max-seq", type=int, default=2**16)
     p.add_argument("--timeout", type=float, default=600, help="seconds per row")
     a = p.parse_args()
-    if a.one:
-        print(json.dumps(run_one(json.loads(a.one))))
+    if ran_as_child(a.one, run_one):
         return
     if a.smoke:
         a.presets, a.seqs, a.layer_seq = ["tiny"], [128], 256

@@ -23,6 +23,8 @@ from harness import (  # noqa: E402
     environment,
     markdown_table,
     peak_bytes,
+    planned_gb,
+    ran_as_child,
     run_in_subprocess,
     time_jitted,
 )
@@ -114,14 +116,8 @@ def run_one(cfg: dict) -> dict:
 
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
-    planned = fwd_bwd.lower(*args).compile().memory_analysis()
     out = dict(cfg)
-    out["planned_peak_gb"] = (
-        planned.argument_size_in_bytes
-        + planned.output_size_in_bytes
-        + planned.temp_size_in_bytes
-        - planned.alias_size_in_bytes
-    ) / 1e9
+    out["planned_peak_gb"] = planned_gb(fwd_bwd, *args)
     out.update({f"fwd_{k}": v for k, v in time_jitted(fwd, *args, iters=cfg["iters"]).items()})
     out.update(
         {f"fwdbwd_{k}": v for k, v in time_jitted(fwd_bwd, *args, iters=cfg["iters"]).items()}
@@ -142,8 +138,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", help="write all results as JSON here")
     a = p.parse_args()
-    if a.one:
-        print(json.dumps(run_one(json.loads(a.one))))
+    if ran_as_child(a.one, run_one):
         return
     if a.smoke:
         a.batches, a.seqs, a.iters = [1], [64], 2

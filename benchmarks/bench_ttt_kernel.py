@@ -26,92 +26,40 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment, markdown_table, time_jitted  # noqa: E402
+import _kernel_bench as kb  # noqa: E402
+from harness import environment, guarded, markdown_table  # noqa: E402
 
-C = 16
-# The issue's goal shapes first (12 x 64 at T=32768), so a time budget cuts the least needed.
-SHAPES = [(8, 32768, 12, 64), (1, 32768, 12, 64), (8, 8192, 12, 64), (1, 8192, 12, 64)]
-SHAPES += [(8, 32768, 16, 128), (1, 32768, 16, 128), (8, 8192, 16, 128), (1, 8192, 16, 128)]
-XLA_GROUP, XLA_UNROLL = 4, 4  # the layer default (benchmarks/RESULTS.md, issue 2)
+SHAPES = kb.SHAPES_12x64 + [(b, t, 16, 128) for t in (32768, 8192) for b in (8, 1)]
 SWEEP = {64: [(2, 2), (4, 1), (4, 2)], 128: [(4, 2), (8, 2)]}
 
 
-def jax_inputs(b, t, h, d, seed=0):
-    import jax
-    import jax.numpy as jnp
-
-    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
-    q, k, v = (jax.random.normal(ks[i], (b, t, h, d), jnp.bfloat16) for i in range(3))
-    params = dict(
-        W1=0.02 * jax.random.normal(ks[4], (h, d, d)),
-        b1=0.02 * jax.random.normal(ks[5], (h, d)),
-        ln_scale=1.0 + 0.1 * jax.random.normal(ks[6], (h, d)),
-        ln_bias=0.1 * jax.random.normal(ks[7], (h, d)),
-    )
-    eta = 0.01 * jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h)))
-    return (q, k, v, eta), params
-
-
-def jax_fns(impl, warps=None, stages=None):
-    """`(fwd, fwd_bwd)` jitted functions of `(q, k, v, eta, params)`."""
-    import jax
-    import jax.numpy as jnp
-
+def forward_of(impl, warps=None, stages=None):
+    """`(q, k, v, eta, params) -> (o, W, b)` through the XLA op or the kernel."""
     from ttt_jax.ops import ttt_linear
     from ttt_jax.ops.ttt.linear_kernel import ttt_linear_pallas
 
+    if impl == "xla":
+        return kb.xla_forward(ttt_linear, ("W1", "b1"))
+
     def forward(q, k, v, eta, p):
-        if impl == "xla":
-            o, s = ttt_linear(
-                q, k, v, eta, **p, mini_batch_size=C, checkpoint_group=XLA_GROUP,
-                unroll=XLA_UNROLL,
-            )  # fmt: skip
-            return o, s.W1, s.b1
-        b = q.shape[0]
-        w0 = jnp.broadcast_to(p["W1"], (b, *p["W1"].shape))
-        b0 = jnp.broadcast_to(p["b1"], (b, *p["b1"].shape))
-        ts = 1.0 / jnp.arange(1, C + 1, dtype=jnp.float32)
+        (w0, b0), ts = kb.kernel_operands(q, p, ("W1", "b1"))
         return ttt_linear_pallas(
-            q, k, v, eta, w0, b0, p["ln_scale"], p["ln_bias"], ts, mini_batch_size=C,
+            q, k, v, eta, w0, b0, p["ln_scale"], p["ln_bias"], ts, mini_batch_size=kb.C,
             checkpoint_group=None, interpret=False, num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
-    def loss(q, k, v, eta, p):
-        o, w, bias = forward(q, k, v, eta, p)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(w) + jnp.sum(bias)
-
-    return jax.jit(forward), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-
-
-def planned_gb(fn, args) -> float:
-    m = fn.lower(*args).compile().memory_analysis()
-    total = (
-        m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        + m.temp_size_in_bytes
-        - m.alias_size_in_bytes
-    )
-    return total / 1e9
+    return forward
 
 
 def bench_jax(impl, shape, iters, modes, warps=None, stages=None) -> dict:
-    args_x, params = jax_inputs(*shape)
-    args = (*args_x, params)
-    fwd, fwd_bwd = jax_fns(impl, warps, stages)
+    _, _, h, d = shape
+    params = dict(W1=(h, d, d), b1=(h, d), ln_scale=(h, d), ln_bias=(h, d))
     row = dict(impl=impl if impl == "xla" else "kernel", warps=warps, stages=stages)
-    for mode, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
-        if mode not in modes:
-            continue
-        t0 = time.perf_counter()
-        row[f"{mode}_planned_gb"] = planned_gb(fn, args)
-        row[f"{mode}_compile_s"] = time.perf_counter() - t0
-        row[f"{mode}_ms"] = time_jitted(fn, *args, warmup=1, iters=iters)["median_ms"]
-    return row
+    return {**row, **kb.timed(forward_of(impl, warps, stages), shape, params, iters, modes)}
 
 
 def bench_fla(shape, iters, modes) -> dict:
@@ -139,7 +87,7 @@ def bench_fla(shape, iters, modes) -> dict:
         for x in leaves:
             x.requires_grad_(grad)
         o, ht, hbt = chunk_ttt_linear(
-            q, k, v, w, bias, eta, chunk_size=C, initial_state=h0, initial_state_bias=hb0,
+            q, k, v, w, bias, eta, chunk_size=kb.C, initial_state=h0, initial_state_bias=hb0,
             output_final_state=True,
         )  # fmt: skip
         if grad:
@@ -172,33 +120,17 @@ def bench_fla(shape, iters, modes) -> dict:
     return row
 
 
-def guarded(fn, base: dict, *a, **kw) -> dict:
-    t0 = time.perf_counter()
-    try:
-        row = fn(*a, **kw)
-    except Exception as e:  # out of memory, compile errors: recorded, the run goes on
-        traceback.print_exc()
-        row = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-    row = {**base, **row, "wall_s": round(time.perf_counter() - t0, 1)}
-    print(json.dumps(row), flush=True)
-    return row
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impls", nargs="+", default=["kernel", "fla", "xla"])
-    p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"])
-    p.add_argument("--shapes", nargs="+", default=None, help="BxTxHxD, e.g. 8x32768x12x64")
-    p.add_argument("--iters", type=int, default=5)
+    kb.add_shape_args(p)
     p.add_argument("--sweep", action="store_true", help="sweep (num_warps, num_stages) first")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip XLA rows after this")
     p.add_argument("--smoke-gpu", action="store_true", help="one small shape, kernel and XLA")
     p.add_argument("--out", help="write all rows as JSON here")
     a = p.parse_args()
     start = time.perf_counter()
-    shapes = SHAPES
-    if a.shapes:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes]
+    shapes = kb.shapes_of(a, SHAPES)
     if a.smoke_gpu:
         shapes, a.impls, a.iters = [(1, 8192, 12, 64)], ["kernel", "xla"], 3
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
 import typing
 
-from ttt_jax.cli import run_cli
+from ttt_jax.cli import read_json, run_cli
 
 ROOTS = (
     os.path.dirname(os.path.abspath(__file__)),
@@ -86,13 +85,7 @@ def load_run(run_dir: str):
     file = os.path.join(run_dir, "config.json")
     if not os.path.isdir(run_dir):
         raise ValueError(f"--run-dir {run_dir!r} is not a directory")
-    try:
-        with open(file) as f:
-            saved = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"--run-dir {run_dir!r} has no config.json (not a training run)") from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{file} cannot be read ({type(err).__name__}: {err})") from None
+    saved = read_json(file, f"--run-dir {run_dir!r} has no config.json (not a training run)")
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise ValueError(f"{file} does not hold a training run's config (no model section)")
     saved = dict(saved, model=migrate_flat_fields(saved["model"]))

@@ -5,10 +5,13 @@ field, the value and the constraint): it becomes one line on stderr, `error: <me
 the flag that sets the field when the message names a config field and not a flag, and exit
 code `EXIT_USAGE` (2, argparse's and tyro's own code for a bad flag). No traceback. A
 `ValueError` raised inside a library (jax, numpy, ...) is a bug and keeps its traceback.
+`read_json` reads a JSON file the user names (a run's or a checkpoint's `config.json`) with
+such errors.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -54,6 +57,18 @@ def with_flags(message: str, fields: Mapping[str, str]) -> str:
             flags.append(flag)
     flags = list(dict.fromkeys(flags))
     return f"{message} ({', '.join(flags)})" if flags else message
+
+
+def read_json(file: str, missing: str) -> object:
+    """The JSON value in `file`, or a user error: the message `missing` where the file does not
+    exist, `<file> cannot be read (<error type>: <error>)` where it cannot be read or parsed."""
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(missing) from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{file} cannot be read ({type(err).__name__}: {err})") from None
 
 
 def run_cli(

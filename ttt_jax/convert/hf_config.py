@@ -26,11 +26,11 @@ Anything else (MoE fields, other RoPE types, quantization, ...) is a ValueError 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
 
+from ttt_jax.cli import read_json
 from ttt_jax.models.config import ModelConfig
 from ttt_jax.models.options import AttentionOptions
 
@@ -94,13 +94,7 @@ def _read(path_or_dict) -> dict:
         )
     path = os.fspath(path_or_dict)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    try:
-        with open(file) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{file} does not exist (a Hugging Face checkpoint directory?)") from None
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{file} cannot be read as JSON ({err})") from None
+    config = read_json(file, f"{file} does not exist (a Hugging Face checkpoint directory?)")
     if not isinstance(config, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
     return config

@@ -1,9 +1,10 @@
 """User data: text files, JSON lines, or pre-tokenized `.npy` token streams.
 
-Splits: a directory of text files is split by file (a hash of each path, `in_validation`); a
-jsonl source by document (a hash of each document's text); a single text file and every npy
-file by position (the last `val_percent` of its tokens, cut at a token, are the validation
-split), since a hash would put the whole file on one side.
+Splits: a directory of text files is split by file (a hash of its path under the folder, so the
+split survives moving the folder; `in_validation`); a jsonl source by document (a hash of each
+document's text); a single text file and every npy file by position (the last `val_percent` of
+its tokens, cut at a token, are the validation split), since a hash would put the whole file on
+one side.
 
 Text is decoded as UTF-8 strictly: an undecodable byte is an error naming the file and its byte
 offset, unless `errors="replace"`, which replaces such bytes by U+FFFD and reports how many.
@@ -109,7 +110,10 @@ def text_documents(config: DataConfig, split: str) -> tuple[np.ndarray, np.ndarr
             cut = _position_cut(len(tokens), config.val_percent)
             docs.append(tokens[:cut] if split == "train" else tokens[cut:])
         elif config.source == "text":
-            if in_validation(str(f), config.val_percent) == (split == "val"):
+            # By the path under the folder (like the stdlib corpus): the split of a file does
+            # not change when the folder is moved or mounted elsewhere.
+            key = f.relative_to(config.path).as_posix()
+            if in_validation(key, config.val_percent) == (split == "val"):
                 docs.append(encode(read_text(f, config.errors)))
         else:
             for text in _jsonl_documents(f, config):

@@ -38,7 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from ttt_jax.layers.common import FP32, MixedPrecision, normal, ones, param, zeros
+from ttt_jax.layers.common import (
+    FP32,
+    MixedPrecision,
+    attention_projections,
+    ones,
+    param,
+    zeros,
+)
 from ttt_jax.ops.core import (
     check_cache,
     check_choice,
@@ -291,13 +298,7 @@ class Attention(nnx.Module):
         self.config = c = config
         d, h, hkv, e = c.d_model, c.num_heads, c.kv_heads, c.head_dim
         pd = c.precision.param_dtype
-        axes = ("embed", "heads", "head_dim")
-        self.W_q = param(rngs, normal(d**-0.5), (d, h, e), axes, pd)
-        self.W_k = param(rngs, normal(d**-0.5), (d, hkv, e), axes, pd)
-        self.W_v = param(rngs, normal(d**-0.5), (d, hkv, e), axes, pd)
-        self.W_o = param(
-            rngs, normal((h * e) ** -0.5), (h, e, d), ("heads", "head_dim", "embed"), pd
-        )
+        self.W_q, self.W_k, self.W_v, self.W_o = attention_projections(rngs, d, h, hkv, e, pd)
         # The optional parameters come after the plain ones: the plain layer's draws stay.
         if c.qkv_bias:
             self.b_q = param(rngs, zeros, (h, e), ("heads", "head_dim"), pd)

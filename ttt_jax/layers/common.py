@@ -1,5 +1,6 @@
 """What every NNX layer shares: the mixed-precision policy and parameter creation with logical
-axis names. The numerics (matmul, norms, GELU) are the ops' own, `ttt_jax.ops.core.numerics`.
+axis names (with the projections of multi-head attention). The numerics (matmul, norms, GELU)
+are the ops' own, `ttt_jax.ops.core.numerics`.
 
 Logical axis names used across the project (the training config maps them to mesh axes):
 `embed` (model width), `heads` (attention / TTT heads), `head_dim`, `qkv` (a flattened
@@ -81,3 +82,25 @@ def zeros(key, shape, dtype):
 def ones(key, shape, dtype):
     del key
     return jnp.ones(shape, dtype)
+
+
+def attention_projections(
+    rngs: nnx.Rngs, d: int, heads: int, kv_heads: int, head_dim: int, dtype: jnp.dtype
+) -> tuple[nnx.Param, nnx.Param, nnx.Param, nnx.Param]:
+    """`(W_q [d, H, Dh], W_k [d, Hkv, Dh], W_v [d, Hkv, Dh], W_o [H, Dh, d])` of a multi-head
+    attention (logical axes embed, heads, head_dim; W_o heads, head_dim, embed), drawn in that
+    order from `N(0, 1 / fan_in)`."""
+    axes = ("embed", "heads", "head_dim")
+    std = d**-0.5
+    return (
+        param(rngs, normal(std), (d, heads, head_dim), axes, dtype),
+        param(rngs, normal(std), (d, kv_heads, head_dim), axes, dtype),
+        param(rngs, normal(std), (d, kv_heads, head_dim), axes, dtype),
+        param(
+            rngs,
+            normal((heads * head_dim) ** -0.5),
+            (heads, head_dim, d),
+            ("heads", "head_dim", "embed"),
+            dtype,
+        ),
+    )

@@ -24,7 +24,6 @@ over the whole sequence would.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +33,7 @@ from jax import lax
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, param, zeros
 from ttt_jax.ops.core import (
     check_cache,
+    check_finite_number,
     check_layer_input,
     check_policy_names,
     check_scan_knobs,
@@ -103,20 +103,9 @@ class InPlaceMLPConfig:
                 raise ValueError(
                     f"InPlaceMLPConfig.{field}={getattr(self, field)!r} is not one of {allowed}"
                 )
-        if (
-            isinstance(self.eta, bool)
-            or not isinstance(self.eta, int | float)
-            or not (math.isfinite(self.eta))
-        ):
-            raise ValueError(f"InPlaceMLPConfig.eta must be a finite number, got {self.eta!r}")
-        tau = self.clip_tau
-        if tau is not None and (
-            isinstance(tau, bool)
-            or not isinstance(tau, int | float)
-            or not math.isfinite(tau)
-            or tau <= 0
-        ):
-            raise ValueError(f"InPlaceMLPConfig.clip_tau must be None or > 0, got {tau!r}")
+        check_finite_number("InPlaceMLPConfig.eta", self.eta)
+        if self.clip_tau is not None:
+            check_finite_number("InPlaceMLPConfig.clip_tau", self.clip_tau, positive=True)
         if not isinstance(self.ttt, bool):
             raise ValueError(f"InPlaceMLPConfig.ttt must be a bool, got {self.ttt!r}")
         if not isinstance(self.precision, MixedPrecision):

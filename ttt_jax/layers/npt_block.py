@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.attention import causal_attention
-from ttt_jax.layers.common import MixedPrecision, normal, ones, param
+from ttt_jax.layers.common import MixedPrecision, attention_projections, ones, param
 from ttt_jax.layers.npt_mlp import NPTMLP, NPTMLPConfig
 from ttt_jax.ops.core import check_layer_input, check_positive_int, check_shapes, rms_norm
 
@@ -100,13 +100,7 @@ class NPTBlock(nnx.Module):
         pd = config.precision.param_dtype
         self.attn_norm = param(rngs, ones, (d,), ("embed",), pd)
         self.mlp_norm = param(rngs, ones, (d,), ("embed",), pd)
-        qkv_axes = ("embed", "heads", "head_dim")
-        self.W_q = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
-        self.W_k = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
-        self.W_v = param(rngs, normal(d**-0.5), (d, h, e), qkv_axes, pd)
-        self.W_o = param(
-            rngs, normal((h * e) ** -0.5), (h, e, d), ("heads", "head_dim", "embed"), pd
-        )
+        self.W_q, self.W_k, self.W_v, self.W_o = attention_projections(rngs, d, h, h, e, pd)
         self.mlp = NPTMLP(config.mlp, rngs=rngs)
 
     def __call__(

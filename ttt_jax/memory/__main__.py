@@ -35,30 +35,28 @@ from ttt_jax.models import PRESETS, preset
 from ttt_jax.ops.core import POLICY_NAMES, resolve_policy
 
 
+def _positive(text: str, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
+    return value
+
+
 def group_arg(text: str) -> int | None | str:
     """`--checkpoint-group`: an int, `none` (no remat) or `default`."""
     if text.lower() == "none":
         return None
     if text == "default":
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int, 'none' or 'default'")
-    return value
+    return _positive(text, "a positive int, 'none' or 'default'")
 
 
 def positive_int(text: str) -> int:
     """An int >= 1 (argparse names the flag when it is not)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive int")
-    return value
+    return _positive(text, "a positive int")
 
 
 def budget_arg(text: str) -> int | str:

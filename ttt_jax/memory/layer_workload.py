@@ -7,6 +7,7 @@ report and the planner by describing how to build and call it.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,22 @@ from ttt_jax.memory.analysis import tree_bytes
 from ttt_jax.memory.workload import Program, Remat, Workload, abstract_split, random_like
 
 
+def _config_d_model(config) -> int:
+    return config.d_model
+
+
+def _config_precision(config) -> MixedPrecision | None:
+    return config.precision
+
+
+def _one_token(config) -> int:
+    return 1
+
+
+def _no_knobs(config) -> bool:
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerFamily:
     """How the memory tools build and call one kind of layer.
@@ -39,20 +56,22 @@ class LayerFamily:
       name: short name used on the command line.
       build: `(config, precision, rngs) -> module`.
       apply: `(module, x) -> (y, aux_loss)`; x is `[B, T, d_model]` in the compute dtype.
-      d_model: `config -> width of x`.
+      d_model: `config -> width of x` (default: `config.d_model`).
       precision: `config -> MixedPrecision` when the config carries it, else None (then the
-        workload's own `precision` is used).
-      chunk: `config -> tokens per fast-weight update` (sequence lengths are multiples of it).
-      scan_knobs: `config -> bool`, whether checkpoint_group / remat_policy change anything.
+        workload's own `precision` is used; default: `config.precision`).
+      chunk: `config -> tokens per fast-weight update` (sequence lengths are multiples of it;
+        default 1, a layer without chunks).
+      scan_knobs: `config -> bool`, whether checkpoint_group / remat_policy change anything
+        (default: never).
     """
 
     name: str
     build: Callable[[Any, MixedPrecision, nnx.Rngs], nnx.Module]
     apply: Callable[[nnx.Module, jax.Array], tuple[jax.Array, jax.Array]]
-    d_model: Callable[[Any], int]
-    precision: Callable[[Any], MixedPrecision | None]
-    chunk: Callable[[Any], int]
-    scan_knobs: Callable[[Any], bool]
+    d_model: Callable[[Any], int] = _config_d_model
+    precision: Callable[[Any], MixedPrecision | None] = _config_precision
+    chunk: Callable[[Any], int] = _one_token
+    scan_knobs: Callable[[Any], bool] = _no_knobs
 
 
 LAYER_FAMILIES: dict[type, LayerFamily] = {}
@@ -67,27 +86,31 @@ def _no_aux(y):
     return y, jnp.zeros((), jnp.float32)
 
 
-register_layer(
-    TTTConfig,
-    LayerFamily(
-        name="ttt",
-        build=lambda c, p, rngs: TTTLayer(c, rngs=rngs),
+def _from_config(module_type: type) -> Callable:
+    """`build` of a layer whose config carries everything (precision included)."""
+    return lambda config, precision, rngs: module_type(config, rngs=rngs)
+
+
+def _chunked_mixer(name: str, module_type: type, chunk_field: str) -> LayerFamily:
+    """A sequence mixer `[B, T, d] -> [B, T, d]` with the scan's remat knobs, whose fast weights
+    update every `config.<chunk_field>` tokens."""
+    return LayerFamily(
+        name=name,
+        build=_from_config(module_type),
         apply=lambda m, x: _no_aux(m(x)),
-        d_model=lambda c: c.d_model,
-        precision=lambda c: c.precision,
-        chunk=lambda c: c.mini_batch_size,
+        chunk=operator.attrgetter(chunk_field),
         scan_knobs=lambda c: True,
-    ),
-)
+    )
+
+
+register_layer(TTTConfig, _chunked_mixer("ttt", TTTLayer, "mini_batch_size"))
 register_layer(
     InPlaceMLPConfig,
     LayerFamily(
         name="inplace",
-        build=lambda c, p, rngs: InPlaceMLP(c, rngs=rngs),
+        build=_from_config(InPlaceMLP),
         # The layer's input doubles as the targets' source X0 (the embeddings in a model).
         apply=lambda m, x: _no_aux(m(x, x)),
-        d_model=lambda c: c.d_model,
-        precision=lambda c: c.precision,
         chunk=lambda c: c.chunk_size,
         scan_knobs=lambda c: c.ttt and c.backward == "autodiff" and c.prefix == "sequential",
     ),
@@ -96,39 +119,16 @@ register_layer(
     NPTMLPConfig,
     LayerFamily(
         name="npt",
+        build=_from_config(NPTMLP),
         # The layer's input doubles as the modulating signal (the attention output in a block).
-        build=lambda c, p, rngs: NPTMLP(c, rngs=rngs),
         apply=lambda m, x: m(x, None if m.config.modulation == "none" else x),
-        d_model=lambda c: c.d_model,
-        precision=lambda c: c.precision,
-        chunk=lambda c: 1,
-        scan_knobs=lambda c: False,
     ),
 )
 register_layer(
     NPTBlockConfig,
-    LayerFamily(
-        name="npt_block",
-        build=lambda c, p, rngs: NPTBlock(c, rngs=rngs),
-        apply=lambda m, x: m(x),
-        d_model=lambda c: c.d_model,
-        precision=lambda c: c.precision,
-        chunk=lambda c: 1,
-        scan_knobs=lambda c: False,
-    ),
+    LayerFamily(name="npt_block", build=_from_config(NPTBlock), apply=lambda m, x: m(x)),
 )
-register_layer(
-    LaCTConfig,
-    LayerFamily(
-        name="lact",
-        build=lambda c, p, rngs: LaCTLayer(c, rngs=rngs),
-        apply=lambda m, x: _no_aux(m(x)),
-        d_model=lambda c: c.d_model,
-        precision=lambda c: c.precision,
-        chunk=lambda c: c.chunk_size,
-        scan_knobs=lambda c: True,
-    ),
-)
+register_layer(LaCTConfig, _chunked_mixer("lact", LaCTLayer, "chunk_size"))
 
 # Scan remat groups the planner tries, preferred first: G=4 is the fastest TTT setting measured
 # (faster than no remat: benchmarks/RESULTS.md), G=16 keeps 4x fewer carried states.

@@ -3,9 +3,10 @@
 `Shared` is what the model decides for all of its layers (widths, precision policy, the RoPE
 base and kernel of its attention). Each options class (`ModelConfig.ttt`, `.lact`, `.inplace`,
 `.npt`; on the command line `--model.ttt.checkpoint-group 4`) holds the fields of one family's
-layer config that the model leaves to the user, under the same names and with the same
-defaults as the layer config (tests/models/test_registry.py pins both), so a block's layer config is
-the family's config class called with `Shared`'s fields and these (`ttt_jax.models.registry`).
+layer config that the model leaves to the user, made from the layer config itself (`_mirror`):
+the same names, types, defaults and order, all but the fields the model sets
+(tests/models/test_registry.py checks the split), so a block's layer config is the family's
+config class called with `Shared`'s fields and these (`ttt_jax.models.registry`).
 `RetrofitOptions` (`ModelConfig.retrofit`, `--model.retrofit.*`) says which layers of a
 pretrained model get TTT (`ttt_jax.models.retrofit`).
 """
@@ -14,7 +15,27 @@ from __future__ import annotations
 
 import dataclasses
 
+from ttt_jax.layers import InPlaceMLPConfig, LaCTConfig, NPTMLPConfig, TTTConfig
 from ttt_jax.layers.common import FP32, MixedPrecision
+
+
+def _mirror(layer_config: type, set_by_model: tuple[str, ...], **own: tuple[str, object]):
+    """Makes the decorated class (its name and docstring) the frozen dataclass of the fields of
+    `layer_config` but `set_by_model`, in order, with their types and defaults; `own` gives
+    `name=(type, default)` where an option means something the layer config spells otherwise."""
+
+    def make(cls: type) -> type:
+        fields = []
+        for f in dataclasses.fields(layer_config):
+            if f.name not in set_by_model:
+                kind, default = own.get(f.name, (f.type, f.default))
+                fields.append((f.name, kind, dataclasses.field(default=default)))
+        options = dataclasses.make_dataclass(cls.__name__, fields, frozen=True)
+        options.__module__, options.__qualname__ = cls.__module__, cls.__qualname__
+        options.__doc__ = cls.__doc__
+        return options
+
+    return make
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,84 +83,43 @@ class AttentionOptions:
     rope_original_max_positions: int = 8192
 
 
-@dataclasses.dataclass(frozen=True)
+@_mirror(TTTConfig, ("d_model", "num_heads", "inner", "precision"))
 class TTTOptions:
-    """TTT-Linear / TTT-MLP mixers: the `TTTConfig` fields of the same names (documented there).
+    """TTT-Linear / TTT-MLP mixers: the `TTTConfig` fields (documented there) but `d_model`,
+    `num_heads`, `inner` (the block's family) and `precision`, which the model sets.
 
     `checkpoint_group` is the layer's default, 4 (with `unroll` 4 the fastest setting measured on
     an H100, and less memory than no remat); `rope_theta` is TTT's own: it rotates positions
     modulo the mini-batch, not the model's positions.
     """
 
-    mini_batch_size: int = 16
-    base_lr: float | None = None
-    backbone: str = "mamba"
-    rope_theta: float = 10000.0
-    conv_width: int = 4
-    mlp_ratio: int = 4
-    checkpoint_group: int | None = 4
-    remat_policy: str | None = None
-    unroll: int = 4
-    impl: str = "auto"
-    kernel_checkpoint_group: int = 16
 
-
-@dataclasses.dataclass(frozen=True)
+@_mirror(
+    LaCTConfig,
+    ("d_model", "num_heads", "rope_theta", "attention_impl", "precision"),
+    num_fw_heads=("int | None", None),
+)
 class LaCTOptions:
-    """LaCT mixers: the `LaCTConfig` fields of the same names (documented there).
+    """LaCT mixers: the `LaCTConfig` fields (documented there) but `d_model`, `num_heads`,
+    `rope_theta`, `attention_impl` and `precision`, which the model sets.
 
     Two differ in meaning: `num_fw_heads=None` takes the model's `num_heads`, and `rank` is capped
     at the fast weight's widths (`min(fw_hidden, d_model / num_fw_heads)`), so one preset rank
     serves narrow test models too. `rope_theta` and `attention_impl` are the model's (`Shared`).
     """
 
-    num_fw_heads: int | None = None
-    fw_hidden: int | None = None
-    window: int = 2048
-    chunk_size: int = 2048
-    rank: int | None = 32
-    base_lr: float = 1e-3
-    use_momentum: bool = True
-    use_muon: bool = False
-    muon_dtype: str | None = None
-    weight_norm: bool = True
-    learnable_scale: bool = False
-    norm_eps: float = 1e-6
-    checkpoint_group: int | None = None
-    remat_policy: str | None = None
-    backward: str = "custom"
-    backward_dtype: str | None = None
-    debug: bool = False
 
-
-@dataclasses.dataclass(frozen=True)
+@_mirror(InPlaceMLPConfig, ("d_model", "d_ff", "precision"))
 class InPlaceOptions:
-    """In-Place TTT MLPs: the `InPlaceMLPConfig` fields of the same names (documented there)."""
-
-    chunk_size: int = 1024
-    conv_mode: str = "centered"
-    target_source: str = "embeddings"
-    activation: str = "silu"
-    eta: float = 1.0
-    clip_tau: float | None = None
-    ttt: bool = True
-    prefix: str = "sequential"
-    backward: str = "custom"
-    checkpoint_group: int | None = None
-    remat_policy: str | None = None
+    """In-Place TTT MLPs: the `InPlaceMLPConfig` fields (documented there) but `d_model`, `d_ff`
+    and `precision`, which the model sets."""
 
 
-@dataclasses.dataclass(frozen=True)
+@_mirror(NPTMLPConfig, ("d_model", "d_ff", "d_mod", "precision"))
 class NPTOptions:
-    """NPT MLPs: the `NPTMLPConfig` fields of the same names (documented there). The modulating
-    signal is the block's mixer output, so its width (`d_mod`) is the model's."""
-
-    modulation: str = "low_rank"
-    rank: int = 16
-    k: int = 1
-    rank_k_form: str = "factored"
-    mod_scale: float = 0.1
-    reg_lambda: float = 0.0
+    """NPT MLPs: the `NPTMLPConfig` fields (documented there) but `d_model`, `d_ff`, `d_mod` and
+    `precision`, which the model sets: the modulating signal is the block's mixer output, so its
+    width (`d_mod`) is the model's."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,20 @@ from ttt_jax.models.options import LaCTOptions, TTTOptions
 TTT_EVERY_OTHER = ("attention/swiglu", "ttt_linear/swiglu")
 ATTENTION_ONLY = ("attention/swiglu",)
 
+
+def _gpu(**shape) -> ModelConfig:
+    """A TTT-paper shape (vocab 32000, TTT in every other block) with the GPU defaults of the
+    module docstring (the bf16 policy, TTT groups of 4, block remat `dots_no_batch`); `shape`
+    gives the widths and overrides any default."""
+    defaults = dict(
+        vocab_size=32000,
+        pattern=TTT_EVERY_OTHER,
+        ttt=TTTOptions(checkpoint_group=4),
+        block_remat="dots_no_batch",
+    )
+    return ModelConfig(**{**defaults, **shape})
+
+
 _BASE = {
     "tiny": ModelConfig(
         vocab_size=256,
@@ -51,38 +65,10 @@ _BASE = {
         ttt=TTTOptions(checkpoint_group=None, unroll=1),
         precision="fp32",
     ),
-    "125m": ModelConfig(
-        vocab_size=32000,
-        d_model=768,
-        num_layers=12,
-        num_heads=12,
-        d_ff=2048,
-        pattern=TTT_EVERY_OTHER,
-        ttt=TTTOptions(checkpoint_group=4),
-        block_remat="dots_no_batch",
-    ),
-    "350m": ModelConfig(
-        vocab_size=32000,
-        d_model=1024,
-        num_layers=24,
-        num_heads=16,
-        d_ff=2736,
-        pattern=TTT_EVERY_OTHER,
-        ttt=TTTOptions(checkpoint_group=4),
-        block_remat="dots_no_batch",
-    ),
-    "760m": ModelConfig(
-        vocab_size=32000,
-        d_model=1536,
-        num_layers=24,
-        num_heads=16,
-        d_ff=4096,
-        pattern=TTT_EVERY_OTHER,
-        ttt=TTTOptions(checkpoint_group=4),
-        block_remat="dots_no_batch",
-    ),
-    "lact-760m": ModelConfig(
-        vocab_size=32000,
+    "125m": _gpu(d_model=768, num_layers=12, num_heads=12, d_ff=2048),
+    "350m": _gpu(d_model=1024, num_layers=24, num_heads=16, d_ff=2736),
+    "760m": _gpu(d_model=1536, num_layers=24, num_heads=16, d_ff=4096),
+    "lact-760m": _gpu(
         d_model=1536,
         num_layers=24,
         num_heads=24,

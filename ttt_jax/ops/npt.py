@@ -37,6 +37,18 @@ def _add_rounded(base: jax.Array, low: jax.Array, cd) -> jax.Array:
     return base.astype(cd) + low.astype(cd)
 
 
+def _dense(h: jax.Array, W: jax.Array, **low: tuple[jax.Array, tuple[str, ...]]) -> jax.Array:
+    """Checks an NPT op's arguments before tracing (`h: [B, S, d]`, `W: [d, F]`, and each
+    low-rank operand `name=(array, dims)`: shapes, floating dtypes, a non-empty batch and
+    sequence), then returns the dense `h W` (fp32 accumulation, compute dtype of h)."""
+    specs = [("h", h, ("B", "S", "d")), ("W", W, ("d", "F"))]
+    specs += [(name, x, dims) for name, (x, dims) in low.items()]
+    check_shapes(specs)
+    check_float(**{name: x for name, x, _ in specs})
+    check_nonempty("h", h, ("B", "S"))
+    return matmul("bsd,df->bsf", h, W, h.dtype)
+
+
 def npt_modulated_linear(
     h: jax.Array, m: jax.Array, *, W: jax.Array, A: jax.Array, B: jax.Array
 ) -> jax.Array:
@@ -58,19 +70,8 @@ def npt_modulated_linear(
       ValueError: before tracing, naming the argument whose shape disagrees (rank r between
         A, B and m; d between h, W and A; F between W and B; B, S between h and m).
     """
-    check_shapes(
-        [
-            ("h", h, ("B", "S", "d")),
-            ("W", W, ("d", "F")),
-            ("A", A, ("d", "r")),
-            ("B", B, ("r", "F")),
-            ("m", m, ("B", "S", "r")),
-        ]
-    )
-    check_float(h=h, m=m, W=W, A=A, B=B)
-    check_nonempty("h", h, ("B", "S"))
+    base = _dense(h, W, A=(A, ("d", "r")), B=(B, ("r", "F")), m=(m, ("B", "S", "r")))
     cd = h.dtype
-    base = matmul("bsd,df->bsf", h, W, cd)
     # h A is only r wide: keep it and the modulation in fp32 (fp64 for fp64 operands); only
     # the F-wide matmul with B goes back to the compute dtype, where it runs at the speed of
     # the dense one.
@@ -93,18 +94,8 @@ def npt_rank_k_linear(h: jax.Array, u: jax.Array, w: jax.Array, *, W: jax.Array)
     Raises:
       ValueError: before tracing, naming the argument whose shape disagrees.
     """
-    check_shapes(
-        [
-            ("h", h, ("B", "S", "d")),
-            ("W", W, ("d", "F")),
-            ("u", u, ("B", "S", "k", "d")),
-            ("w", w, ("B", "S", "k", "F")),
-        ]
-    )
-    check_float(h=h, u=u, w=w, W=W)
-    check_nonempty("h", h, ("B", "S"))
+    base = _dense(h, W, u=(u, ("B", "S", "k", "d")), w=(w, ("B", "S", "k", "F")))
     cd = h.dtype
-    base = matmul("bsd,df->bsf", h, W, cd)
     coef = matmul("bsd,bskd->bsk", h, u, cd)  # [B, S, k] fp32, as h A above
     return _add_rounded(base, matmul("bsk,bskf->bsf", coef, w, cd), cd)
 
@@ -137,20 +128,11 @@ def npt_generated_rank_k_linear(
     Raises:
       ValueError: before tracing, naming the argument whose shape disagrees.
     """
-    check_shapes(
-        [
-            ("h", h, ("B", "S", "d")),
-            ("W", W, ("d", "F")),
-            ("g", g, ("B", "S", "r")),
-            ("W_u", W_u, ("r", "k", "d")),
-            ("W_w", W_w, ("r", "k", "F")),
-        ]
+    base = _dense(
+        h, W, g=(g, ("B", "S", "r")), W_u=(W_u, ("r", "k", "d")), W_w=(W_w, ("r", "k", "F"))
     )
-    check_float(h=h, g=g, W=W, W_u=W_u, W_w=W_w)
-    check_nonempty("h", h, ("B", "S"))
     cd = h.dtype
     r, k = W_u.shape[:2]
-    base = matmul("bsd,df->bsf", h, W, cd)
     wd = wide_dtype(cd, g.dtype)
     gw = g.astype(wd)
     proj = matmul("bsd,ikd->bsik", h, W_u, cd)  # [B, S, r, k]: h_t . W_u[i, k]

@@ -46,7 +46,7 @@ def inputs(b, t, h, d, seed, dtype):
         b2=n((h, d), 0.1),
         ln_scale=1 + n((h, d), 0.1),
         ln_bias=n((h, d), 0.1),
-        token_scale=1.0 / jnp.arange(1, 17) + n((16,), 0.05),
+        token_scale=1.0 / jnp.arange(1, 17, dtype=jnp.float32) + n((16,), 0.05),
     )
     return (*x, eta), p
 

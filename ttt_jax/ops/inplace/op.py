@@ -27,8 +27,6 @@ Two forms of the state inside the op, for speed:
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -116,13 +114,8 @@ def _check_args(
     if not isinstance(eta, int | float):
         check_float(eta=eta)
     check_finite_number("eta", eta, allow_array=True)
-    if clip_tau is not None and (
-        isinstance(clip_tau, bool)
-        or not isinstance(clip_tau, int | float)
-        or not math.isfinite(clip_tau)
-        or clip_tau <= 0
-    ):
-        raise ValueError(f"clip_tau must be None or a finite number > 0, got {clip_tau!r}")
+    if clip_tau is not None:
+        check_finite_number("clip_tau", clip_tau, positive=True)
     check_scan_knobs(checkpoint_group, remat_policy)
     check_policy_names(remat_policy, NAMES, "inplace_ttt")
     return dims

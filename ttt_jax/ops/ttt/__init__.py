@@ -1,7 +1,8 @@
 """TTT-Linear and TTT-MLP (SPEC 3.1): dual-form ops and their token-serial primal twins."""
 
+from ttt_jax.ops.ttt.kernel_common import IMPLS
 from ttt_jax.ops.ttt.linear import NAMES, TTTLinearState, ttt_linear
-from ttt_jax.ops.ttt.linear_kernel import IMPLS, resolve_impl
+from ttt_jax.ops.ttt.linear_kernel import resolve_impl
 from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
 from ttt_jax.ops.ttt.mlp_kernel import resolve_impl as resolve_mlp_impl
 from ttt_jax.ops.ttt.primal import ttt_linear_primal, ttt_mlp_primal

@@ -1,9 +1,11 @@
 """Pieces shared by TTT-Linear and TTT-MLP (SPEC 3.1): the inner loss, its gradient, the
-learning-rate matrix of the dual form, argument checks, and the drivers over mini-batches
-(`run_ttt` picks the packed-documents driver of `packed.py` or the plain one)."""
+learning-rate matrix of the dual form, argument checks, the preparation of a call
+(`prepare_ttt`), and the drivers over mini-batches (`TTTRun.run` picks the packed-documents
+driver of `packed.py` or the plain one)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +23,7 @@ from ttt_jax.ops.core.checks import (
     check_state_type,
 )
 from ttt_jax.ops.core.chunking import merge_time, split_time
+from ttt_jax.ops.core.numerics import wide_dtype
 from ttt_jax.ops.core.scan import check_scan_knobs, chunked_scan
 from ttt_jax.ops.ttt.packed import run_packed
 
@@ -169,50 +172,104 @@ def run_mini_batches(
     return merge_time(out_full, out_tail, t), state
 
 
-def run_ttt(
-    step: Callable[[Any, tuple], tuple[Any, jax.Array]],
-    state: Any,
+@dataclasses.dataclass(frozen=True)
+class TTTRun:
+    """One TTT op call, prepared (`prepare_ttt`): what its mini-batch step reads, in the
+    accumulation dtype, and how it walks the sequence (`run`).
+
+    Attributes:
+      acc: the accumulation dtype, the wider of the inputs' and the state's (SPEC 2): fp32
+        under bf16 / fp32, fp64 under fp64 (no fp32 cast on the way).
+      token_scale: `[C]`; ln_scale, ln_bias: `[H, D]`, all in `acc`.
+      state: the state the call (its first document) starts from, fields `[B, H, ...]` in the
+        state dtype.
+      slow: the slow weights every later document restarts from, the same structure with
+        fields `[H, ...]` (broadcast over the batch and cast to the state's dtypes by `run`).
+      segment_ids, mini_batch_size, checkpoint_group, remat_policy, unroll: the op's arguments.
+    """
+
+    acc: Any
+    token_scale: jax.Array
+    ln_scale: jax.Array
+    ln_bias: jax.Array
+    state: Any
+    slow: Any
+    segment_ids: jax.Array | None
+    mini_batch_size: int
+    checkpoint_group: int | None
+    remat_policy: str | None
+    unroll: int
+
+    def run(self, step, const_reads, q, k, v, eta) -> tuple[jax.Array, Any]:
+        """The one driver of the TTT ops (dual and primal form): `run_packed` when documents
+        are packed (`segment_ids`), else `run_mini_batches`.
+
+        Args:
+          step, const_reads: the family's mini-batch step and constant-reader outputs (as for
+            `run_packed`; `const_reads` is used only with `segment_ids`).
+          q, k, v, eta: the op's inputs (`[B, T, H, D]`, `[B, T, H]`).
+
+        Returns:
+          `(out [B, T, H, D] in the dtype of q, state after the last complete mini-batch)`.
+        """
+        knobs = dict(
+            mini_batch_size=self.mini_batch_size,
+            checkpoint_group=self.checkpoint_group,
+            remat_policy=self.remat_policy,
+            unroll=self.unroll,
+        )
+        state = self.state
+        if self.segment_ids is None:
+            out, state = run_mini_batches(step, state, q, k, v, eta, **knobs)
+        else:
+            reset = jax.tree.map(
+                lambda p, s: jnp.broadcast_to(p, s.shape).astype(s.dtype), self.slow, state
+            )
+            out, state = run_packed(
+                step, const_reads, state, reset, q, k, v, eta, self.segment_ids,
+                token_scale=self.token_scale, **knobs,
+            )  # fmt: skip
+        return out.astype(q.dtype), state
+
+
+def prepare_ttt(
     q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    eta: jax.Array,
+    params: dict[str, jax.Array],
+    ln_scale: jax.Array,
+    ln_bias: jax.Array,
+    state_type: type,
     *,
-    segment_ids: jax.Array | None,
-    const_reads: Callable[..., jax.Array],
-    slow: Any,
-    token_scale: jax.Array,
     mini_batch_size: int,
+    token_scale: jax.Array | None,
+    initial_state: Any,
+    segment_ids: jax.Array | None,
     checkpoint_group: int | None,
     remat_policy: str | None,
+    state_dtype,
     unroll: int,
-) -> tuple[jax.Array, Any]:
-    """The one driver of the TTT ops (dual and primal form): `run_packed` when documents are
-    packed (`segment_ids`), else `run_mini_batches`.
-
-    Args:
-      step, const_reads: the family's mini-batch step and constant-reader outputs (as for
-        `run_packed`; `const_reads` is used only with `segment_ids`).
-      state: the state the call (its first document) starts from, fields `[B, H, ...]`.
-      slow: the slow weights every later document restarts from, the same structure with
-        fields `[H, ...]` (broadcast over the batch and cast to the state's dtypes here).
-      q, k, v, eta, segment_ids, token_scale, mini_batch_size, checkpoint_group,
-        remat_policy, unroll: as for `run_packed` / `run_mini_batches`.
-
-    Returns:
-      `(out [B, T, H, D] in the dtype of q, state after the last complete mini-batch)`.
-    """
-    knobs = dict(
+) -> TTTRun:
+    """The `TTTRun` of a checked TTT op call (dual or primal form): the default token scale
+    `1 / (i + 1)` where none is given, the per-sample state broadcast from the slow weights
+    `params` (fields `[H, ...]`, the `state_type`'s) where no `initial_state` is, everything
+    cast to its dtype."""
+    acc = wide_dtype(q.dtype, state_dtype)
+    if token_scale is None:
+        token_scale = default_token_scale(mini_batch_size, acc)
+    if initial_state is None:
+        b = q.shape[0]
+        initial_state = state_type(
+            **{n: jnp.broadcast_to(p, (b, *p.shape)) for n, p in params.items()}
+        )
+    return TTTRun(
+        acc=acc,
+        token_scale=token_scale.astype(acc),
+        ln_scale=ln_scale.astype(acc),
+        ln_bias=ln_bias.astype(acc),
+        state=jax.tree.map(lambda x: x.astype(state_dtype), initial_state),
+        slow=state_type(**params),
+        segment_ids=segment_ids,
         mini_batch_size=mini_batch_size,
         checkpoint_group=checkpoint_group,
         remat_policy=remat_policy,
         unroll=unroll,
     )
-    if segment_ids is None:
-        out, state = run_mini_batches(step, state, q, k, v, eta, **knobs)
-    else:
-        reset = jax.tree.map(lambda p, s: jnp.broadcast_to(p, s.shape).astype(s.dtype), slow, state)
-        out, state = run_packed(
-            step, const_reads, state, reset, q, k, v, eta, segment_ids,
-            token_scale=token_scale, **knobs,
-        )  # fmt: skip
-    return out.astype(q.dtype), state

@@ -14,24 +14,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from ttt_jax.ops.ttt import kernel_common as kc
 from ttt_jax.ops.ttt import kernel_math as km
-from ttt_jax.ops.ttt.kernel_fwd import (
-    KernelConfig,
-    call,
-    chunk_inputs,
-    kernel_partial,
-    pl,
-    pltriton,
-)
-
-
-def _barrier(cfg: KernelConfig) -> None:
-    # The scratch is written and read back by different threads of the same program: a CTA
-    # barrier orders those global-memory accesses. The interpreter runs one program serially.
-    if not cfg.interpret:
-        pltriton.debug_barrier()
+from ttt_jax.ops.ttt.kernel_common import KernelConfig, pl
 
 
 def _backward_kernel(*refs, cfg: KernelConfig):
@@ -65,23 +51,15 @@ def _backward_kernel(*refs, cfg: KernelConfig):
     b, h = pl.program_id(0), pl.program_id(1)
     c, cd, f32 = cfg.mini_batch, cfg.cd, jnp.float32
     inputs = (q_ref, k_ref, v_ref, eta_ref)
-    gamma = lnw_ref[h, :][None, :]
-    beta = lnb_ref[h, :][None, :]
-    a = ts_ref[:]
-    a_last = ts_ref[c - 1]
-    tri = km.causal(c)
-    a_causal = jnp.where(tri, a[:, None], 0.0)
-    last = (lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1).astype(f32)
+    gamma, beta, a_causal, a_last = kc.head_params(lnw_ref, lnb_ref, ts_ref, h, c)
 
     def replay(start):
-        """Writes the starting state of each mini-batch of the group at `start` to scratch."""
-
         def body(j, carry):
             w, bias = carry
             i = start + j
             sw_ref[b, h, j, :, :] = w.astype(sw_ref.dtype)
             sb_ref[b, h, j, :] = bias
-            _, k, v, eta = chunk_inputs(inputs, b, h, i, c)
+            _, k, v, eta = kc.chunk_inputs(inputs, b, h, i, c)
             z = km.dot(k, w, cd) + bias[None, :]
             g = km.inner_grad(z, v.astype(f32) - k.astype(f32), gamma, beta)[0]
             ge = g * (jnp.where(i < cfg.n_full, a_last, 0.0) * eta)[:, None]
@@ -96,7 +74,7 @@ def _backward_kernel(*refs, cfg: KernelConfig):
             i = start + j
             wc = sw_ref[b, h, j, :, :]
             bias = sb_ref[b, h, j, :][None, :]
-            q, k, v, eta = chunk_inputs(inputs, b, h, i, c)
+            q, k, v, eta = kc.chunk_inputs(inputs, b, h, i, c)
             rows = pl.ds(i * c, c)
             dout = do_ref[b, rows, h, :].astype(f32)
             t = v.astype(f32) - k.astype(f32)
@@ -125,85 +103,53 @@ def _backward_kernel(*refs, cfg: KernelConfig):
             ds = -jnp.sum(g * p, axis=1)
             dk = -km.dot(s[:, None] * g, dw, cd, tb=True)
             # --- attn = E * (q k^T + 1), E[i, j] = token_scale[i] eta[j]
-            de = jnp.where(tri, da_mat * qk1, 0.0)
             dqk = da_mat * e
             dq += km.dot(dqk, k, cd)
             dk += km.dot(dqk, q, cd, ta=True)
-            deta = jnp.sum(a_causal * de, axis=0) + scale * ds
-            dts += jnp.sum(de * eta[None, :], axis=1)
-            dts += last * jnp.where(full, jnp.sum(eta * ds), 0.0)
+            deta, dts = km.rate_grads(da_mat * qk1, ds, eta, a_causal, scale, full, dts)
             # --- G = LN-L2 gradient of Z = k W + b against t = v - k
             dz, dt, dgamma_rows, dbeta_rows = km.inner_grad_bwd(dg, g, x, r, y, mxy, t, gamma, beta)
             dgamma += jnp.sum(dgamma_rows, axis=0)
             dbeta += jnp.sum(dbeta_rows, axis=0)
             dk += km.dot(dz, wc, cd, tb=True) - dt
-            dq_ref[b, rows, h, :] = dq.astype(dq_ref.dtype)
-            dk_ref[b, rows, h, :] = dk.astype(dk_ref.dtype)
-            dv_ref[b, rows, h, :] = dt.astype(dv_ref.dtype)
-            deta_ref[b, rows, h] = deta
+            kc.store_input_grads((dq_ref, dk_ref, dv_ref, deta_ref), b, h, rows, (dq, dk, dt, deta))
             dw = dw + km.dot(q, dzb, cd, ta=True) + km.dot(k, dz, cd, ta=True)
             db = db + jnp.sum(dzb, axis=0) + jnp.sum(dz, axis=0)
             return dw, db, dgamma, dbeta, dts
 
         return body
 
-    def group_body(gi, carry):
-        grp = cfg.n_groups - 1 - gi
-        start = grp * cfg.group
-        count = jnp.minimum(cfg.group, cfg.n_chunks - start)
-        state = (ckw_ref[b, h, grp, :, :], ckb_ref[b, h, grp, :])
-        lax.fori_loop(0, count, replay(start), state)
-        _barrier(cfg)
-        carry = lax.fori_loop(0, count, reverse(start, count), carry)
-        _barrier(cfg)
-        return carry
+    def checkpoint(grp):
+        return ckw_ref[b, h, grp, :, :], ckb_ref[b, h, grp, :]
 
-    d = cfg.dim
-    init = (
-        dwf_ref[b, h, :, :],
-        dbf_ref[b, h, :],
-        jnp.zeros((d,), f32),
-        jnp.zeros((d,), f32),
-        jnp.zeros((c,), f32),
+    dstate = (dwf_ref[b, h, :, :], dbf_ref[b, h, :])
+    dw, db = kc.reverse_groups(
+        cfg, replay, reverse, checkpoint, dstate, (dlnw_ref, dlnb_ref, dts_ref), b, h
     )
-    dw, db, dgamma, dbeta, dts = lax.fori_loop(0, cfg.n_groups, group_body, init)
     dw0_ref[b, h, :, :] = dw
     db0_ref[b, h, :] = db
-    dlnw_ref[b, h, :] = dgamma
-    dlnb_ref[b, h, :] = dbeta
-    dts_ref[b, h, :] = dts
 
 
-def backward(
-    cfg: KernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ckw, ckb, do, dwf, dbf
-):
+def backward(cfg: KernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ckpts, do,
+             dstate):  # fmt: skip
     """Runs the backward kernel.
 
-    Args: the forward's inputs (as in `kernel_fwd.forward`), its checkpoints, and the cotangents
-    `do [B, N C, H, D]` (dtype of q), `dwf [B, H, D, D]`, `dbf [B, H, D]` (fp32).
+    Args: the forward's inputs (as in `kernel_fwd.forward`), its checkpoints `(ckW, ckb)`, and
+    the cotangents `do [B, N C, H, D]` (dtype of q) and `dstate = (dW [B, H, D, D], db [B, H,
+    D])` (fp32).
 
     Returns:
       `dq, dk, dv` (dtype of q), `deta [B, N C, H]`, `dW0 [B, H, D, D]`, `db0 [B, H, D]` (fp32),
       and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`.
     """
-    bsz, t, heads, d = q.shape
-    f32 = jnp.float32
-    out_shape = [
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct((bsz, t, heads), f32),
-        jax.ShapeDtypeStruct((bsz, heads, d, d), f32),
-        jax.ShapeDtypeStruct((bsz, heads, d), f32),
-        jax.ShapeDtypeStruct((bsz, heads, d), f32),
-        jax.ShapeDtypeStruct((bsz, heads, d), f32),
-        jax.ShapeDtypeStruct((bsz, heads, cfg.mini_batch), f32),
-        # Scratch: the replayed states of one group (compute dtype) and their biases.
+    bsz, _, heads, d = q.shape
+    out_shape = kc.backward_out_shape(cfg, q, [(d, d), (d,)])
+    n_out = len(out_shape)
+    # Scratch: the replayed states of one group (compute dtype) and their biases.
+    out_shape += [
         jax.ShapeDtypeStruct((bsz, heads, cfg.group, d, d), q.dtype),
-        jax.ShapeDtypeStruct((bsz, heads, cfg.group, d), f32),
+        jax.ShapeDtypeStruct((bsz, heads, cfg.group, d), jnp.float32),
     ]
-    kernel = kernel_partial(_backward_kernel, cfg=cfg)
-    outs = call(
-        kernel, cfg, out_shape, q, k, v, eta, token_scale, ln_scale, ln_bias, ckw, ckb, do, dwf, dbf
-    )
-    return outs[:9]
+    kernel = kc.kernel_partial(_backward_kernel, cfg=cfg)
+    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, *ckpts, do, *dstate)
+    return kc.call(kernel, cfg, out_shape, *args)[:n_out]

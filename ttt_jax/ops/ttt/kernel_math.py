@@ -54,6 +54,29 @@ def causal(c: int) -> jax.Array:
     return cols <= rows
 
 
+def rate_grads(de, ds, eta, a_causal, scale, full, dts):
+    """Cotangents of one mini-batch's learning rates (both kernels' backward).
+
+    Args:
+      de: `[C, C]` cotangent of `E[i, j] = a_i eta_j` (`a = token_scale`), any values above the
+        diagonal (masked here).
+      ds: `[C]` cotangent of the update's rates `s = scale * eta`.
+      eta: `[C]`; a_causal: `[C, C]` `a_i` where `j <= i`, else 0.
+      scale: `a_{C-1}`, or 0 for a trailing partial mini-batch (`full` False).
+      dts: `[C]` the running `token_scale` cotangent.
+
+    Returns:
+      `(deta [C], dts)`, `dts` plus this mini-batch's share (`a_{C-1}` gets the update's).
+    """
+    c = eta.shape[0]
+    de = jnp.where(causal(c), de, 0.0)
+    last = (lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1).astype(jnp.float32)
+    deta = jnp.sum(a_causal * de, axis=0) + scale * ds
+    dts += jnp.sum(de * eta[None, :], axis=1)
+    dts += last * jnp.where(full, jnp.sum(eta * ds), 0.0)
+    return deta, dts
+
+
 def inner_grad(z, t, gamma, beta):
     """LN-L2 inner gradient of one mini-batch and what its backward needs.
 

@@ -22,14 +22,13 @@ import jax.numpy as jnp
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.core.numerics import layer_norm, matmul, wide_dtype
+from ttt_jax.ops.core.numerics import layer_norm, matmul
 from ttt_jax.ops.ttt.common import (
     LN_EPS,
     check_ttt_args,
-    default_token_scale,
     layer_norm_l2_grad,
     lr_matrices,
-    run_ttt,
+    prepare_ttt,
 )
 from ttt_jax.ops.ttt.linear_kernel import resolve_impl, ttt_linear_pallas
 from ttt_jax.ops.ttt.packed import band_dual, band_rates
@@ -95,7 +94,7 @@ def ttt_linear(
       `o: [B, T, H, D]` in the dtype of q (`q_i + LN(f_{W_i}(q_i))`), and the state after the
       last complete mini-batch (of the last document).
     """
-    dims = check_ttt_args(
+    check_ttt_args(
         q,
         k,
         v,
@@ -118,22 +117,25 @@ def ttt_linear(
         names=NAMES,
     )
     backend = resolve_impl(impl, q, mini_batch_size, state_dtype, segment_ids)
-    cd = q.dtype
-    # Everything but the matmul operands runs in the wider of the inputs' and the state's
-    # dtype (SPEC 2): fp32 under bf16 / fp32, fp64 under fp64 (no fp32 cast on the way).
-    acc = wide_dtype(cd, state_dtype)
-    if token_scale is None:
-        token_scale = default_token_scale(mini_batch_size, acc)
-    token_scale = token_scale.astype(acc)
-    ln_scale = ln_scale.astype(acc)
-    ln_bias = ln_bias.astype(acc)
+    call = prepare_ttt(
+        q,
+        {"W1": W1, "b1": b1},
+        ln_scale,
+        ln_bias,
+        TTTLinearState,
+        mini_batch_size=mini_batch_size,
+        token_scale=token_scale,
+        initial_state=initial_state,
+        segment_ids=segment_ids,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        state_dtype=state_dtype,
+        unroll=unroll,
+    )
+    # Everything but the matmul operands runs in `acc` (`TTTRun`).
+    cd, acc, state = q.dtype, call.acc, call.state
+    token_scale, ln_scale, ln_bias = call.token_scale, call.ln_scale, call.ln_bias
     ln_s, ln_b = ln_scale[None, :, None, :], ln_bias[None, :, None, :]  # against [B, H, C, D]
-    if initial_state is None:
-        b = dims["B"]
-        initial_state = TTTLinearState(
-            W1=jnp.broadcast_to(W1, (b, *W1.shape)), b1=jnp.broadcast_to(b1, (b, *b1.shape))
-        )
-    state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
     if backend != "xla":
         o, w, bias = ttt_linear_pallas(
             q,
@@ -181,19 +183,4 @@ def ttt_linear(
         z_bar = matmul("bhcd,hde->bhce", qc, w, cd) + bias - band_dual(qc, kw, g, e, cd)
         return qc.astype(acc) + layer_norm(z_bar, ln_s, ln_b, eps=LN_EPS)
 
-    return run_ttt(
-        step,
-        state,
-        q,
-        k,
-        v,
-        eta,
-        segment_ids=segment_ids,
-        const_reads=const_reads,
-        slow=TTTLinearState(W1=W1, b1=b1),
-        token_scale=token_scale,
-        mini_batch_size=mini_batch_size,
-        checkpoint_group=checkpoint_group,
-        remat_policy=remat_policy,
-        unroll=unroll,
-    )
+    return call.run(step, const_reads, q, k, v, eta)

@@ -3,7 +3,8 @@
 The same function as the XLA op in `linear.py` (per-token `eta`, `token_scale`, per-head
 LayerNorm, output `q + LN(Z_bar)`, `initial_state` / final state, any T with a trailing partial
 mini-batch read but not updating the state, fp32 state under bf16 inputs), computed by two
-sequential kernels with one program per (sample, head), wrapped in a `jax.custom_vjp`.
+sequential kernels with one program per (sample, head) (`kernel_fwd.py`, `kernel_bwd.py`),
+wrapped in a `jax.custom_vjp` (the harness both TTT kernels share: `kernel_common.py`).
 
 What stays on chip (per program, as loop carries):
   forward: the fp32 state `W [D, D]`, `b [D]`; each mini-batch's `[C, D]` tiles.
@@ -35,34 +36,18 @@ test (`tests/ops/ttt/test_ttt_linear_kernel_gpu.py`) covers the rest.
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.core.checks import check_choice, check_positive_int
 from ttt_jax.ops.ttt.kernel_bwd import backward
-from ttt_jax.ops.ttt.kernel_fwd import KernelConfig, forward
+from ttt_jax.ops.ttt.kernel_common import KernelConfig, fused, kernel_inputs, kernel_reason, resolve
+from ttt_jax.ops.ttt.kernel_fwd import forward
 
-IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 SUPPORTED_DIMS = (16, 32, 64, 128)
-SUPPORTED_MINI_BATCH = (16, 32, 64)
-SUPPORTED_DTYPES = ("float32", "bfloat16")
-DEFAULT_GROUP = 16
 
 
 def unsupported_reason(q, mini_batch_size: int, state_dtype) -> str | None:
     """Why the kernel cannot take this call (None if it can)."""
-    d = q.shape[-1]
-    if d not in SUPPORTED_DIMS:
-        return f"head dim D={d} (q.shape[-1]) is not one of {SUPPORTED_DIMS}"
-    if mini_batch_size not in SUPPORTED_MINI_BATCH:
-        return f"mini_batch_size={mini_batch_size} is not one of {SUPPORTED_MINI_BATCH}"
-    if jnp.dtype(q.dtype).name not in SUPPORTED_DTYPES:
-        return f"q dtype {jnp.dtype(q.dtype).name} is not one of {SUPPORTED_DTYPES}"
-    if jnp.dtype(state_dtype) != jnp.float32:
-        return f"state_dtype={jnp.dtype(state_dtype).name} must be float32"
-    return None
+    return kernel_reason(q, mini_batch_size, state_dtype, SUPPORTED_DIMS)
 
 
 def resolve_impl(impl: str, q, mini_batch_size: int, state_dtype, segment_ids=None) -> str:
@@ -72,30 +57,12 @@ def resolve_impl(impl: str, q, mini_batch_size: int, state_dtype, segment_ids=No
     `pallas` on an unsupported shape, dtype or backend raises a ValueError naming the argument
     and the supported set.
     """
-    check_choice("impl", impl, IMPLS)
-    if impl == "xla":
-        return "xla"
-    reason = unsupported_reason(q, mini_batch_size, state_dtype)
-    if reason is None and segment_ids is not None:
-        reason = "segment_ids is not supported by the kernel yet (only segment_ids=None)"
-    return dispatch(impl, reason)
-
-
-def dispatch(impl: str, reason: str | None) -> str:
-    """The backend for a checked `impl` other than "xla", given why the kernel cannot take the
-    call (None if it can); shared by the TTT-Linear and TTT-MLP kernels."""
-    on_gpu = jax.default_backend() == "gpu"
-    if impl == "auto":
-        return "pallas" if on_gpu and reason is None else "xla"
-    if reason is not None:
-        raise ValueError(f"impl={impl!r} does not support this call: {reason}")
-    if impl == "pallas" and not on_gpu:
-        raise ValueError(
-            f"impl='pallas' needs a CUDA GPU backend, got jax.default_backend()="
-            f"{jax.default_backend()!r}; use impl='pallas_interpret' (the Pallas interpreter, "
-            "for tests) or impl='xla'"
-        )
-    return impl
+    return resolve(
+        impl,
+        lambda: unsupported_reason(q, mini_batch_size, state_dtype),
+        segment_ids,
+        "segment_ids is not supported by the kernel yet (only segment_ids=None)",
+    )
 
 
 def launch_defaults(d: int) -> tuple[int, int]:
@@ -136,64 +103,13 @@ def ttt_linear_pallas(
     Returns:
       `(o [B, T, H, D] dtype of q, W [B, H, D, D] fp32, b [B, H, D] fp32)`.
     """
-    bsz, t, heads, d = q.shape
-    c = mini_batch_size
-    group = check_positive_int("checkpoint_group", checkpoint_group or DEFAULT_GROUP)
-    n_chunks = -(-t // c)
-    warps, stages = launch_defaults(d)
-    cfg = KernelConfig(
-        batch=bsz,
-        heads=heads,
-        dim=d,
-        mini_batch=c,
-        n_chunks=n_chunks,
-        n_full=t // c,
-        group=min(group, n_chunks),
-        compute_dtype=jnp.dtype(q.dtype).name,
-        interpret=interpret,
-        num_warps=num_warps or warps,
-        num_stages=num_stages or stages,
-        poison=poison,
-    )
-    f32 = jnp.float32
-    eta = eta.astype(f32)
-    pad = n_chunks * c - t
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        eta = jnp.pad(eta, ((0, 0), (0, pad), (0, 0)))
-    o, w, b = _fused(
-        cfg,
-        q,
-        k,
-        v,
-        eta,
-        token_scale.astype(f32),
-        ln_scale.astype(f32),
-        ln_bias.astype(f32),
-        w0.astype(f32),
-        b0.astype(f32),
-    )
+    t = q.shape[1]
+    static, inputs = kernel_inputs(
+        q, k, v, eta, token_scale, ln_scale, ln_bias, mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group, interpret=interpret, poison=poison,
+    )  # fmt: skip
+    warps, stages = launch_defaults(static["dim"])
+    cfg = KernelConfig(**static, num_warps=num_warps or warps, num_stages=num_stages or stages)
+    state = tuple(x.astype(jnp.float32) for x in (w0, b0))
+    o, w, b = fused(forward, backward, cfg, cfg, *inputs, state)
     return o[:, :t], w, b
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(cfg, q, k, v, eta, token_scale, ln_scale, ln_bias, w0, b0):
-    return tuple(
-        forward(cfg, q, k, v, eta, token_scale, ln_scale, ln_bias, w0, b0, with_checkpoints=False)
-    )
-
-
-def _fused_fwd(cfg, q, k, v, eta, token_scale, ln_scale, ln_bias, w0, b0):
-    o, w, b, ckw, ckb = forward(
-        cfg, q, k, v, eta, token_scale, ln_scale, ln_bias, w0, b0, with_checkpoints=True
-    )
-    return (o, w, b), (q, k, v, eta, token_scale, ln_scale, ln_bias, ckw, ckb)
-
-
-def _fused_bwd(cfg, res, cts):
-    do, dwf, dbf = cts
-    dq, dk, dv, deta, dw0, db0, dlnw, dlnb, dts = backward(cfg, *res, do, dwf, dbf)
-    return dq, dk, dv, deta, dts.sum((0, 1)), dlnw.sum(0), dlnb.sum(0), dw0, db0
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)

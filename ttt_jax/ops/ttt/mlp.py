@@ -20,14 +20,13 @@ import jax.numpy as jnp
 from flax import struct
 from jax.ad_checkpoint import checkpoint_name
 
-from ttt_jax.ops.core.numerics import gelu_tanh, gelu_tanh_grad, layer_norm, matmul, wide_dtype
+from ttt_jax.ops.core.numerics import gelu_tanh, gelu_tanh_grad, layer_norm, matmul
 from ttt_jax.ops.ttt.common import (
     LN_EPS,
     check_ttt_args,
-    default_token_scale,
     layer_norm_l2_grad,
     lr_matrices,
-    run_ttt,
+    prepare_ttt,
 )
 from ttt_jax.ops.ttt.mlp_kernel import resolve_impl, ttt_mlp_pallas
 from ttt_jax.ops.ttt.packed import band_dual, band_rates
@@ -90,7 +89,7 @@ def ttt_mlp(
     Returns:
       `o: [B, T, H, D]` in the dtype of q, and the state after the last complete mini-batch.
     """
-    dims = check_ttt_args(
+    check_ttt_args(
         q,
         k,
         v,
@@ -115,20 +114,25 @@ def ttt_mlp(
         names=NAMES,
     )
     backend = resolve_impl(impl, q, W1.shape[-1], mini_batch_size, state_dtype, segment_ids)
-    cd = q.dtype
-    # Everything but the matmul operands runs in the wider of the inputs' and the state's
-    # dtype (SPEC 2): fp32 under bf16 / fp32, fp64 under fp64 (no fp32 cast on the way).
-    acc = wide_dtype(cd, state_dtype)
-    if token_scale is None:
-        token_scale = default_token_scale(mini_batch_size, acc)
-    token_scale = token_scale.astype(acc)
-    ln_scale = ln_scale.astype(acc)
-    ln_bias = ln_bias.astype(acc)
+    call = prepare_ttt(
+        q,
+        {"W1": W1, "b1": b1, "W2": W2, "b2": b2},
+        ln_scale,
+        ln_bias,
+        TTTMLPState,
+        mini_batch_size=mini_batch_size,
+        token_scale=token_scale,
+        initial_state=initial_state,
+        segment_ids=segment_ids,
+        checkpoint_group=checkpoint_group,
+        remat_policy=remat_policy,
+        state_dtype=state_dtype,
+        unroll=unroll,
+    )
+    # Everything but the matmul operands runs in `acc` (`TTTRun`).
+    cd, acc, state = q.dtype, call.acc, call.state
+    token_scale, ln_scale, ln_bias = call.token_scale, call.ln_scale, call.ln_bias
     ln_s, ln_b = ln_scale[None, :, None, :], ln_bias[None, :, None, :]  # against [B, H, C, D]
-    if initial_state is None:
-        b = dims["B"]
-        initial_state = TTTMLPState(*(jnp.broadcast_to(p, (b, *p.shape)) for p in (W1, b1, W2, b2)))
-    state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
     if backend != "xla":
         o, *final = ttt_mlp_pallas(
             q,
@@ -195,19 +199,4 @@ def ttt_mlp(
         z2_bar = z2_bar - band_dual(x2_bar, x2, g2, e, cd)
         return qc.astype(acc) + layer_norm(z2_bar, ln_s, ln_b, eps=LN_EPS)
 
-    return run_ttt(
-        step,
-        state,
-        q,
-        k,
-        v,
-        eta,
-        segment_ids=segment_ids,
-        const_reads=const_reads,
-        slow=TTTMLPState(W1=W1, b1=b1, W2=W2, b2=b2),
-        token_scale=token_scale,
-        mini_batch_size=mini_batch_size,
-        checkpoint_group=checkpoint_group,
-        remat_policy=remat_policy,
-        unroll=unroll,
-    )
+    return call.run(step, const_reads, q, k, v, eta)

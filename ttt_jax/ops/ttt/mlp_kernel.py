@@ -4,8 +4,9 @@ The same function as the XLA op in `mlp.py` (inner model `gelu_tanh(x W1 + b1) W
 `eta`, `token_scale`, per-head LayerNorm, output `q + LN(Z2_bar)`, `initial_state` / final
 state, any T with a trailing partial mini-batch read but not updating the state, fp32 state
 under bf16 inputs), computed by two sequential kernels with one program per (sample, head)
-(`mlp_kernel_fwd.py`, `mlp_kernel_bwd.py`), wrapped in a `jax.custom_vjp`. `segment_ids` is not
-taken by the kernels: `impl="auto"` routes such calls to the XLA path, `"pallas"` raises.
+(`mlp_kernel_fwd.py`, `mlp_kernel_bwd.py`), wrapped in a `jax.custom_vjp` (the harness both TTT
+kernels share: `kernel_common.py`). `segment_ids` is not taken by the kernels: `impl="auto"`
+routes such calls to the XLA path, `"pallas"` raises.
 
 Forward of one mini-batch (dual form, every gradient at the start state `W1, b1, W2, b2`;
 `E[i, j] = a_i eta_j` for `j <= i` with `a = token_scale`, `s_j = a_{C-1} eta_j` (0 for the
@@ -78,37 +79,27 @@ to Triton IR itself runs on the CPU (`lower(lowering_platforms=("cuda",))`, test
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.core.checks import check_choice, check_positive_int
-from ttt_jax.ops.ttt.linear_kernel import IMPLS, SUPPORTED_DTYPES, SUPPORTED_MINI_BATCH, dispatch
+from ttt_jax.ops.ttt.kernel_common import fused, kernel_inputs, kernel_reason, resolve
 from ttt_jax.ops.ttt.mlp_kernel_bwd import backward
 from ttt_jax.ops.ttt.mlp_kernel_fwd import Launch, MLPKernelConfig, forward
 
 SUPPORTED_DIMS = (16, 32, 64)
 SUPPORTED_HIDDEN = (16, 32, 64, 128, 256)
-DEFAULT_GROUP = 16
 
 __all__ = ["Launch", "launch_defaults", "resolve_impl", "ttt_mlp_pallas", "unsupported_reason"]
 
 
 def unsupported_reason(q, hidden: int, mini_batch_size: int, state_dtype) -> str | None:
     """Why the kernel cannot take this call (None if it can); `hidden` is F (W1.shape[-1])."""
-    d = q.shape[-1]
-    if d not in SUPPORTED_DIMS:
-        return f"head dim D={d} (q.shape[-1]) is not one of {SUPPORTED_DIMS}"
-    if hidden not in SUPPORTED_HIDDEN:
-        return f"hidden width F={hidden} (W1.shape[-1]) is not one of {SUPPORTED_HIDDEN}"
-    if mini_batch_size not in SUPPORTED_MINI_BATCH:
-        return f"mini_batch_size={mini_batch_size} is not one of {SUPPORTED_MINI_BATCH}"
-    if jnp.dtype(q.dtype).name not in SUPPORTED_DTYPES:
-        return f"q dtype {jnp.dtype(q.dtype).name} is not one of {SUPPORTED_DTYPES}"
-    if jnp.dtype(state_dtype) != jnp.float32:
-        return f"state_dtype={jnp.dtype(state_dtype).name} must be float32"
-    return None
+    return kernel_reason(
+        q,
+        mini_batch_size,
+        state_dtype,
+        SUPPORTED_DIMS,
+        (hidden, SUPPORTED_HIDDEN, f"hidden width F={hidden} (W1.shape[-1])"),
+    )
 
 
 def resolve_impl(impl: str, q, hidden: int, mini_batch_size: int, state_dtype, segment_ids=None):
@@ -118,13 +109,12 @@ def resolve_impl(impl: str, q, hidden: int, mini_batch_size: int, state_dtype, s
     path elsewhere; `pallas` / `pallas_interpret` on an unsupported call raise a ValueError
     naming the argument and the supported set, `pallas` also off a GPU.
     """
-    check_choice("impl", impl, IMPLS)
-    if impl == "xla":
-        return "xla"
-    reason = unsupported_reason(q, hidden, mini_batch_size, state_dtype)
-    if reason is None and segment_ids is not None:
-        reason = "segment_ids is not supported by the TTT-MLP kernel (only segment_ids=None)"
-    return dispatch(impl, reason)
+    return resolve(
+        impl,
+        lambda: unsupported_reason(q, hidden, mini_batch_size, state_dtype),
+        segment_ids,
+        "segment_ids is not supported by the TTT-MLP kernel (only segment_ids=None)",
+    )
 
 
 def launch_defaults(d: int, *, backward: bool) -> Launch:
@@ -185,64 +175,15 @@ def ttt_mlp_pallas(
     Returns:
       `(o [B, T, H, D] dtype of q, W1, b1, W2, b2)`, the final state fp32.
     """
-    bsz, t, heads, d = q.shape
-    c = mini_batch_size
-    group = check_positive_int("checkpoint_group", checkpoint_group or DEFAULT_GROUP)
-    n_chunks = -(-t // c)
-    static = dict(
-        batch=bsz,
-        heads=heads,
-        dim=d,
-        hidden=state[0].shape[-1],
-        mini_batch=c,
-        n_chunks=n_chunks,
-        n_full=t // c,
-        group=min(group, n_chunks),
-        compute_dtype=jnp.dtype(q.dtype).name,
-        interpret=interpret,
-        poison=poison,
-    )
+    t = q.shape[1]
+    static, inputs = kernel_inputs(
+        q, k, v, eta, token_scale, ln_scale, ln_bias, mini_batch_size=mini_batch_size,
+        checkpoint_group=checkpoint_group, interpret=interpret, poison=poison,
+    )  # fmt: skip
+    static["hidden"] = state[0].shape[-1]
+    d = static["dim"]
     fcfg = _config(fwd, launch_defaults(d, backward=False), **static)
     bcfg = _config(bwd, launch_defaults(d, backward=True), **static)
-    f32 = jnp.float32
-    eta = eta.astype(f32)
-    pad = n_chunks * c - t
-    if pad:
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        eta = jnp.pad(eta, ((0, 0), (0, pad), (0, 0)))
-    o, *final = _fused(
-        fcfg,
-        bcfg,
-        q,
-        k,
-        v,
-        eta,
-        token_scale.astype(f32),
-        ln_scale.astype(f32),
-        ln_bias.astype(f32),
-        tuple(x.astype(f32) for x in state),
-    )
+    state = tuple(x.astype(jnp.float32) for x in state)
+    o, *final = fused(forward, backward, fcfg, bcfg, *inputs, state)
     return (o[:, :t], *final)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(fcfg, bcfg, q, k, v, eta, token_scale, ln_scale, ln_bias, state):
-    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, state)
-    return tuple(forward(fcfg, *args, with_checkpoints=False))
-
-
-def _fused_fwd(fcfg, bcfg, q, k, v, eta, token_scale, ln_scale, ln_bias, state):
-    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, state)
-    outs = forward(fcfg, *args, with_checkpoints=True)
-    return tuple(outs[:5]), (q, k, v, eta, token_scale, ln_scale, ln_bias, tuple(outs[5:]))
-
-
-def _fused_bwd(fcfg, bcfg, res, cts):
-    do, *dstate = cts
-    outs = backward(bcfg, *res, do, dstate)
-    dq, dk, dv, deta, *dstate0 = outs[:8]
-    dlnw, dlnb, dts = outs[8:]
-    return dq, dk, dv, deta, dts.sum((0, 1)), dlnw.sum(0), dlnb.sum(0), tuple(dstate0)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)

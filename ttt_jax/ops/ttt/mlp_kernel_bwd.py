@@ -16,21 +16,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from ttt_jax.ops.core.numerics import gelu_tanh_grad
+from ttt_jax.ops.ttt import kernel_common as kc
 from ttt_jax.ops.ttt import kernel_math as km
 from ttt_jax.ops.ttt import mlp_kernel_math as mm
-from ttt_jax.ops.ttt.kernel_fwd import call, chunk_inputs, kernel_partial, pl
-from ttt_jax.ops.ttt.mlp_kernel_fwd import (
-    MLPKernelConfig,
-    barrier,
-    chunk_rates,
-    load_state,
-    open_state,
-)
-
-N_OUT = 11  # outputs that are not scratch
+from ttt_jax.ops.ttt.kernel_common import pl
+from ttt_jax.ops.ttt.mlp_kernel_fwd import MLPKernelConfig, load_state, open_state
 
 
 def _backward_kernel(*refs, cfg: MLPKernelConfig):
@@ -45,15 +37,9 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
     c, d, cd, f32, nb = cfg.mini_batch, cfg.dim, cfg.cd, jnp.float32, cfg.n_blocks
     blk = cfg.block
     inputs = (q_ref, k_ref, v_ref, eta_ref)
-    gamma = lnw_ref[h, :][None, :]
-    beta = lnb_ref[h, :][None, :]
-    tri = km.causal(c)
-    a_causal, a_last = chunk_rates(ts_ref, c)
-    last = (lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1).astype(f32)
+    gamma, beta, a_causal, a_last = kc.head_params(lnw_ref, lnb_ref, ts_ref, h, c)
 
     def replay(start):
-        """Writes the starting state of each mini-batch of the group at `start` to scratch."""
-
         def body(j, carry):
             wcarry, b1s, b2 = carry
             state = open_state(cfg, wcarry, rw_refs, b, h)
@@ -64,7 +50,7 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
                 sw2_ref[b, h, j, blk(n), :] = w2.astype(sw2_ref.dtype)
                 sb1_ref[b, h, j, blk(n)] = b1s[n]
             sb2_ref[b, h, j, :] = b2
-            _, k, v, eta = chunk_inputs(inputs, b, h, i, c)
+            _, k, v, eta = kc.chunk_inputs(inputs, b, h, i, c)
             t = v.astype(f32) - k.astype(f32)
 
             def w(n):
@@ -99,7 +85,7 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
 
             b1s = [sb1_ref[b, h, j, blk(n)] for n in range(nb)]
             b2 = sb2_ref[b, h, j, :]
-            q, k, v, eta = chunk_inputs(inputs, b, h, i, c)
+            q, k, v, eta = kc.chunk_inputs(inputs, b, h, i, c)
             rows = pl.ds(i * c, c)
             dout = do_ref[b, rows, h, :].astype(f32)
             t = v.astype(f32) - k.astype(f32)
@@ -190,45 +176,30 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
             dstate.sync()
             db2 = db2 + jnp.sum(dz2b, axis=0) + jnp.sum(dz2, axis=0)
             # --- attn1 = E * (q k^T + 1); E[i, j] = token_scale[i] eta[j]; s = a_last eta
-            de = jnp.where(tri, de + da1 * qk1, 0.0)
             dqk = da1 * e
             dq += km.dot(dqk, k, cd)
             dk += km.dot(dqk, q, cd, ta=True) - dt
-            deta = jnp.sum(a_causal * de, axis=0) + scale * dsv
-            dts += jnp.sum(de * eta[None, :], axis=1)
-            dts += last * jnp.where(full, jnp.sum(eta * dsv), 0.0)
-            dq_ref[b, rows, h, :] = dq.astype(dq_ref.dtype)
-            dk_ref[b, rows, h, :] = dk.astype(dk_ref.dtype)
-            dv_ref[b, rows, h, :] = dt.astype(dv_ref.dtype)
-            deta_ref[b, rows, h] = deta
+            deta, dts = km.rate_grads(de + da1 * qk1, dsv, eta, a_causal, scale, full, dts)
+            kc.store_input_grads((dq_ref, dk_ref, dv_ref, deta_ref), b, h, rows, (dq, dk, dt, deta))
             return dstate.carry(), tuple(new_db1s), db2, dgamma, dbeta, dts
 
         return body
 
-    def group_body(gi, carry):
-        grp = cfg.n_groups - 1 - gi
-        start = grp * cfg.group
-        count = jnp.minimum(cfg.group, cfg.n_chunks - start)
-        state = (
+    def checkpoint(grp):
+        return (
             load_state(cfg, (ck1_ref, ck2_ref), rw_refs, b, h, (grp,)),
             tuple(ckb1_ref[b, h, grp, blk(n)] for n in range(nb)),
             ckb2_ref[b, h, grp, :],
         )
-        lax.fori_loop(0, count, replay(start), state)
-        barrier(cfg)  # the scratch's writes before the reverse chain's reads
-        carry = lax.fori_loop(0, count, reverse(start, count), carry)
-        barrier(cfg)  # and its reads before the next group's replay overwrites it
-        return carry
 
-    init = (
+    dstate = (
         load_state(cfg, (dw1f_ref, dw2f_ref), (dw10_ref, dw20_ref), b, h),
         tuple(db1f_ref[b, h, blk(n)] for n in range(nb)),
         db2f_ref[b, h, :],
-        jnp.zeros((d,), f32),
-        jnp.zeros((d,), f32),
-        jnp.zeros((c,), f32),
     )
-    dwcarry, db1s, db2, dgamma, dbeta, dts = lax.fori_loop(0, cfg.n_groups, group_body, init)
+    dwcarry, db1s, db2 = kc.reverse_groups(
+        cfg, replay, reverse, checkpoint, dstate, (dlnw_ref, dlnb_ref, dts_ref), b, h
+    )
     if cfg.state_in == "registers":
         for n in range(nb):
             dw10_ref[b, h, :, blk(n)] = dwcarry[0][n]
@@ -236,9 +207,6 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
     for n in range(nb):
         db10_ref[b, h, blk(n)] = db1s[n]
     db20_ref[b, h, :] = db2
-    dlnw_ref[b, h, :] = dgamma
-    dlnb_ref[b, h, :] = dbeta
-    dts_ref[b, h, :] = dts
 
 
 def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ckpts, do,
@@ -253,14 +221,12 @@ def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias,
       `dq, dk, dv` (dtype of q), `deta [B, N C, H]`, the four initial-state cotangents (fp32),
       and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`.
     """
-    bsz, t, heads, d = q.shape
+    bsz, _, heads, d = q.shape
     f, g = cfg.hidden, cfg.group
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
-    fields = [(d, f), (f,), (f, d), (d,)]
-    out_shape = [sd(q.shape, q.dtype)] * 3 + [sd((bsz, t, heads), f32)]
-    out_shape += [sd((bsz, heads, *s), f32) for s in fields]
-    out_shape += [sd((bsz, heads, d), f32)] * 2 + [sd((bsz, heads, cfg.mini_batch), f32)]
+    out_shape = kc.backward_out_shape(cfg, q, [(d, f), (f,), (f, d), (d,)])
+    n_out = len(out_shape)
     # Scratch: the replayed states of one group (W1, W2 in the compute dtype) and their biases.
     out_shape += [
         sd((bsz, heads, g, d, f), q.dtype),
@@ -270,6 +236,6 @@ def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias,
     ]
     if cfg.state_in == "hbm":  # the replay's fp32 W1, W2
         out_shape += [sd((bsz, heads, d, f), f32), sd((bsz, heads, f, d), f32)]
-    kernel = kernel_partial(_backward_kernel, cfg=cfg)
+    kernel = kc.kernel_partial(_backward_kernel, cfg=cfg)
     args = (q, k, v, eta, token_scale, ln_scale, ln_bias, *ckpts, do, *dstate)
-    return call(kernel, cfg, out_shape, *args)[:N_OUT]
+    return kc.call(kernel, cfg, out_shape, *args)[:n_out]

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ttt_jax.ops.ttt import kernel_common as kc
 from ttt_jax.ops.ttt import kernel_math as km
 from ttt_jax.ops.ttt import mlp_kernel_math as mm
-from ttt_jax.ops.ttt.kernel_fwd import call, chunk_inputs, kernel_partial, pl, pltriton
+from ttt_jax.ops.ttt.kernel_common import KernelConfig, pl
 
 STATE_IN = ("registers", "hbm")
 
@@ -59,62 +59,25 @@ class Launch:
             raise ValueError(f"Launch.state_in={self.state_in!r} is not one of {STATE_IN}")
 
 
-@dataclasses.dataclass(frozen=True)
-class MLPKernelConfig:
-    """Static shape and launch facts of one kernel call (hashable: a `custom_vjp` nondiff arg).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MLPKernelConfig(KernelConfig):
+    """`KernelConfig` (the facts both TTT kernels share) with the TTT-MLP kernel's own.
 
     Attributes:
-      batch, heads, dim, hidden: B, H, D, F.
-      mini_batch: C.
-      n_chunks: mini-batches in the (padded) sequence, `ceil(T / C)`.
-      n_full: complete mini-batches (`n_chunks` or `n_chunks - 1`); the rest only read.
-      group: state checkpoints every `group` mini-batches.
-      compute_dtype: dtype name of q, k, v (the MMA operand dtype).
-      interpret: run the kernel under the Pallas interpreter (CPU tests).
-      num_warps, num_stages, hidden_block, state_in: as `Launch`, resolved.
-      poison: start every output buffer as NaN (GPU tests of full coverage).
+      hidden: F.
+      num_warps, num_stages (`KernelConfig`'s), hidden_block, state_in: as `Launch`, resolved.
     """
 
-    batch: int
-    heads: int
-    dim: int
     hidden: int
-    mini_batch: int
-    n_chunks: int
-    n_full: int
-    group: int
-    compute_dtype: str
-    interpret: bool
-    num_warps: int
-    num_stages: int
     hidden_block: int
     state_in: str
-    poison: bool = False
-
-    @property
-    def n_groups(self) -> int:
-        return -(-self.n_chunks // self.group)
 
     @property
     def n_blocks(self) -> int:
         return self.hidden // self.hidden_block
 
-    @property
-    def cd(self):
-        return jnp.dtype(self.compute_dtype)
-
     def block(self, j: int):
         return pl.ds(j * self.hidden_block, self.hidden_block)
-
-    def compiler_params(self):
-        return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-def barrier(cfg: MLPKernelConfig) -> None:
-    """Orders one program's HBM writes and reads across its threads (a CTA barrier); the
-    interpreter runs a program serially."""
-    if not cfg.interpret:
-        pltriton.debug_barrier()
 
 
 class RegisterState:
@@ -151,13 +114,13 @@ class HbmState:
         return self.w1_ref[self.b, self.h, :, blk], self.w2_ref[self.b, self.h, blk, :]
 
     def set(self, j, w1, w2):
-        barrier(self.cfg)
+        kc.barrier(self.cfg)
         blk = self.cfg.block(j)
         self.w1_ref[self.b, self.h, :, blk] = w1
         self.w2_ref[self.b, self.h, blk, :] = w2
 
     def sync(self):
-        barrier(self.cfg)
+        kc.barrier(self.cfg)
 
     def carry(self):
         return ()
@@ -188,21 +151,13 @@ def load_state(cfg: MLPKernelConfig, src, dst, b, h, src_index=()):
     return ()
 
 
-def chunk_rates(ts_ref, c):
-    """`(a_causal [C, C], a_last)`: `token_scale[i]` where `j <= i`, and `token_scale[C-1]`."""
-    a = ts_ref[:]
-    return jnp.where(km.causal(c), a[:, None], 0.0), ts_ref[c - 1]
-
-
 def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
     q_ref, k_ref, v_ref, eta_ref, ts_ref, lnw_ref, lnb_ref = refs[:7]
     w10_ref, b10_ref, w20_ref, b20_ref = refs[7:11]
     o_ref, w1f_ref, b1f_ref, w2f_ref, b2f_ref = refs[11:16]
     b, h = pl.program_id(0), pl.program_id(1)
     c, cd, f32, nb = cfg.mini_batch, cfg.cd, jnp.float32, cfg.n_blocks
-    gamma = lnw_ref[h, :][None, :]
-    beta = lnb_ref[h, :][None, :]
-    a_causal, a_last = chunk_rates(ts_ref, c)
+    gamma, beta, a_causal, a_last = kc.head_params(lnw_ref, lnb_ref, ts_ref, h, c)
 
     def body(i, carry):
         wcarry, b1s, b2 = carry
@@ -221,7 +176,7 @@ def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
                     ckb1_ref[b, h, g, cfg.block(j)] = b1s[j]
                 ckb2_ref[b, h, g, :] = b2
 
-        q, k, v, eta = chunk_inputs((q_ref, k_ref, v_ref, eta_ref), b, h, i, c)
+        q, k, v, eta = kc.chunk_inputs((q_ref, k_ref, v_ref, eta_ref), b, h, i, c)
         t = v.astype(f32) - k.astype(f32)
 
         def w(j):
@@ -280,13 +235,7 @@ def forward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, 
       `(o [B, N C, H, D], W1, b1, W2, b2)` (final state), plus the checkpoints
       `[B, H, n_groups, ...]` of each state field with `with_checkpoints`.
     """
-    bsz, t, heads, d = q.shape
-    f = cfg.hidden
-    f32 = jnp.float32
-    fields = [(d, f), (f,), (f, d), (d,)]
-    out_shape = [jax.ShapeDtypeStruct((bsz, t, heads, d), q.dtype)]
-    out_shape += [jax.ShapeDtypeStruct((bsz, heads, *s), f32) for s in fields]
-    if with_checkpoints:
-        out_shape += [jax.ShapeDtypeStruct((bsz, heads, cfg.n_groups, *s), f32) for s in fields]
-    kernel = kernel_partial(_forward_kernel, cfg=cfg, with_checkpoints=with_checkpoints)
-    return call(kernel, cfg, out_shape, q, k, v, eta, token_scale, ln_scale, ln_bias, *state)
+    d, f = cfg.dim, cfg.hidden
+    out_shape = kc.forward_out_shape(cfg, q, [(d, f), (f,), (f, d), (d,)], with_checkpoints)
+    kernel = kc.kernel_partial(_forward_kernel, cfg=cfg, with_checkpoints=with_checkpoints)
+    return kc.call(kernel, cfg, out_shape, q, k, v, eta, token_scale, ln_scale, ln_bias, *state)

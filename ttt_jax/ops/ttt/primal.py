@@ -10,13 +10,14 @@ in-library oracle for tests and as the benchmark baseline; same signature, same 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.core.numerics import gelu_tanh, layer_norm, matmul, wide_dtype
-from ttt_jax.ops.ttt.common import LN_EPS, default_token_scale, run_ttt
+from ttt_jax.ops.core.numerics import gelu_tanh, layer_norm, matmul
+from ttt_jax.ops.ttt.common import LN_EPS, prepare_ttt
 from ttt_jax.ops.ttt.linear import TTTLinearState, ttt_linear
 from ttt_jax.ops.ttt.mlp import TTTMLPState, ttt_mlp
 from ttt_jax.ops.ttt.packed import band_rates
@@ -33,55 +34,32 @@ def _mlp_inner(p: dict, x: jax.Array, cd) -> jax.Array:
     return matmul("f,fd->d", h, p["W2"], cd) + p["b2"]
 
 
-def _primal(
-    dual_op,
-    inner: Inner,
-    state_cls,
-    q,
-    k,
-    v,
-    eta,
-    params: dict,
-    ln_scale,
-    ln_bias,
-    *,
-    mini_batch_size=16,
-    token_scale=None,
-    initial_state=None,
-    segment_ids=None,
-    checkpoint_group=None,
-    remat_policy=None,
-    state_dtype=jnp.float32,
-    unroll=1,
-):
+# The primal twins' keyword knobs: the dual-form op's own, with its defaults.
+KNOBS = (
+    "mini_batch_size",
+    "token_scale",
+    "initial_state",
+    "segment_ids",
+    "checkpoint_group",
+    "remat_policy",
+    "state_dtype",
+    "unroll",
+)
+
+
+def _primal(dual_op, inner: Inner, state_cls, q, k, v, eta, params: dict, ln_scale, ln_bias, knobs):
+    unknown = sorted(set(knobs) - set(KNOBS))
+    if unknown:
+        raise TypeError(f"{dual_op.__name__}_primal() got unexpected keyword arguments {unknown}")
+    defaults = inspect.signature(dual_op).parameters
+    knobs = {name: knobs.get(name, defaults[name].default) for name in KNOBS}
     # The dual-form op owns the argument checks; running them here keeps the twins in step.
     jax.eval_shape(
-        lambda: dual_op(
-            q,
-            k,
-            v,
-            eta,
-            **params,
-            ln_scale=ln_scale,
-            ln_bias=ln_bias,
-            mini_batch_size=mini_batch_size,
-            token_scale=token_scale,
-            initial_state=initial_state,
-            segment_ids=segment_ids,
-            checkpoint_group=checkpoint_group,
-            remat_policy=remat_policy,
-        )
+        lambda: dual_op(q, k, v, eta, **params, ln_scale=ln_scale, ln_bias=ln_bias, **knobs)
     )
-    cd = q.dtype
-    acc = wide_dtype(cd, state_dtype)  # as in the dual form (SPEC 2)
-    ts = default_token_scale(mini_batch_size, acc) if token_scale is None else token_scale
-    ts = ts.astype(acc)
-    ln_s, ln_b = ln_scale.astype(acc), ln_bias.astype(acc)
-    if initial_state is None:
-        initial_state = state_cls(
-            **{n: jnp.broadcast_to(p, (q.shape[0], *p.shape)) for n, p in params.items()}
-        )
-    state = jax.tree.map(lambda x: x.astype(state_dtype), initial_state)
+    call = prepare_ttt(q, params, ln_scale, ln_bias, state_cls, **knobs)
+    cd, acc, ts = q.dtype, call.acc, call.token_scale  # as in the dual form
+    ln_s, ln_b, state_dtype = call.ln_scale, call.ln_bias, knobs["state_dtype"]
 
     def head_norm(y, h):  # y: [D] of head h
         return layer_norm(y, ln_s[h], ln_b[h], eps=LN_EPS)
@@ -125,22 +103,7 @@ def _primal(
         read = jax.vmap(read, in_axes=(0, 0, None))  # samples
         return qc.astype(acc) + read(w_i, qc, heads)
 
-    return run_ttt(
-        step,
-        state,
-        q,
-        k,
-        v,
-        eta,
-        segment_ids=segment_ids,
-        const_reads=const_reads,
-        slow=state_cls(**params),
-        token_scale=ts,
-        mini_batch_size=mini_batch_size,
-        checkpoint_group=checkpoint_group,
-        remat_policy=remat_policy,
-        unroll=unroll,
-    )
+    return call.run(step, const_reads, q, k, v, eta)
 
 
 def ttt_linear_primal(q, k, v, eta, *, W1, b1, ln_scale, ln_bias, **knobs):
@@ -148,7 +111,7 @@ def ttt_linear_primal(q, k, v, eta, *, W1, b1, ln_scale, ln_bias, **knobs):
     materialised `W_i`."""
     params = {"W1": W1, "b1": b1}
     return _primal(
-        ttt_linear, _linear_inner, TTTLinearState, q, k, v, eta, params, ln_scale, ln_bias, **knobs
+        ttt_linear, _linear_inner, TTTLinearState, q, k, v, eta, params, ln_scale, ln_bias, knobs
     )
 
 
@@ -156,6 +119,4 @@ def ttt_mlp_primal(q, k, v, eta, *, W1, b1, W2, b2, ln_scale, ln_bias, **knobs):
     """Primal-form twin of `ttt_mlp`: same arguments (keyword knobs as there), same results,
     materialised `W_i`."""
     params = {"W1": W1, "b1": b1, "W2": W2, "b2": b2}
-    return _primal(
-        ttt_mlp, _mlp_inner, TTTMLPState, q, k, v, eta, params, ln_scale, ln_bias, **knobs
-    )
+    return _primal(ttt_mlp, _mlp_inner, TTTMLPState, q, k, v, eta, params, ln_scale, ln_bias, knobs)
