@@ -39,8 +39,13 @@ class MixedPrecision:
 
     @classmethod
     def named(cls, name: str) -> MixedPrecision:
-        """`fp32` (everything fp32) or `bf16` (fp32 params and state, bf16 compute)."""
-        presets = {"fp32": cls(), "bf16": cls(compute_dtype=jnp.bfloat16)}
+        """`fp32` (everything fp32), `bf16` (fp32 params and state, bf16 compute) or `fp64`
+        (everything float64: exactness tests, under `jax_enable_x64`)."""
+        presets = {
+            "fp32": cls(),
+            "bf16": cls(compute_dtype=jnp.bfloat16),
+            "fp64": cls(jnp.float64, jnp.float64, jnp.float64),
+        }
         if name not in presets:
             raise ValueError(f"precision={name!r} is not one of {sorted(presets)}")
         return presets[name]

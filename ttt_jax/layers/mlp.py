@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ttt_jax.layers.common import FP32, MixedPrecision, normal, param
-from ttt_jax.ops.core import check_layer_input, check_positive_int, check_shapes, matmul
+from ttt_jax.ops.core import check_layer_input, check_positive_int, check_shapes, matmul, wide_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +69,8 @@ def swiglu_down(
     """
     cd = compute_dtype
     up = matmul("...d,df->...f", x, w_up, cd).astype(cd)
-    z = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(cd)
+    w = wide_dtype(cd)  # the gate's nonlinearity in fp32 under bf16, fp64 under fp64
+    z = (jax.nn.silu(gate.astype(w)) * up.astype(w)).astype(cd)
     return matmul("...f,fd->...d", z, w_down, cd).astype(cd)
 
 

@@ -41,6 +41,7 @@ from ttt_jax.ops.core import (
     gelu_tanh,
     layer_norm,
     matmul,
+    wide_dtype,
 )
 from ttt_jax.ops.rope import rope
 from ttt_jax.ops.ttt import IMPLS as TTT_IMPLS
@@ -327,8 +328,10 @@ class TTTLayer(nnx.Module):
 
     def _token_scale(self):
         c = self.config
-        base = 1.0 / jnp.arange(1, c.mini_batch_size + 1, dtype=jnp.float32)
-        return jnp.maximum(base + self.token_offset[...].astype(jnp.float32), 0.0)
+        offset = self.token_offset[...]
+        w = wide_dtype(offset.dtype)
+        base = 1.0 / jnp.arange(1, c.mini_batch_size + 1, dtype=w)
+        return jnp.maximum(base + offset.astype(w), 0.0)
 
     def _ttt(self, q, k, v, eta, state, segment_ids=None):
         c = self.config
@@ -378,11 +381,11 @@ class TTTLayer(nnx.Module):
             self.post_norm_scale[...],
             self.post_norm_bias[...],
             eps=POST_NORM_EPS,
-            dtype=jnp.float32,
+            dtype=wide_dtype(cd),
         )
         if c.backbone == "mamba":
             gate = matmul("btd,de->bte", x, self.W_g[...], cd).astype(cd)
-            o = gelu_tanh(gate.astype(jnp.float32)) * o
+            o = gelu_tanh(gate.astype(o.dtype)) * o
         return matmul("bte,ed->btd", o, self.W_o[...], cd).astype(cd)
 
 

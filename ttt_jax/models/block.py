@@ -32,7 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ttt_jax.layers.common import ones, param, zeros
 from ttt_jax.models.config import ModelConfig
 from ttt_jax.models.registry import MIXERS, MLPS
-from ttt_jax.ops.core import resolve_policy, rms_norm
+from ttt_jax.ops.core import resolve_policy, rms_norm, wide_dtype
 
 NAMES = ("mixer_out", "mid_residual", "mlp_out")
 
@@ -93,8 +93,9 @@ class Block(nnx.Module):
         m, mixer_aux = MIXERS[self.mixer_name].call(self.mixer, xn, **side)
         if self.branch_name is not None:
             b, branch_aux = MIXERS[self.branch_name].call(self.branch, xn, **side)
-            gate = self.branch_gate[...].astype(jnp.float32)
-            m = m.astype(jnp.float32) + gate * b.astype(jnp.float32)
+            w = wide_dtype(cd)
+            gate = self.branch_gate[...].astype(w)
+            m = m.astype(w) + gate * b.astype(w)
             mixer_aux = mixer_aux + branch_aux
         m = checkpoint_name(m.astype(cd), "mixer_out")
         h = checkpoint_name(x + m.astype(x.dtype), "mid_residual")

@@ -29,7 +29,7 @@ from ttt_jax.ops.core import (
     resolve_policy,
 )
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp64")
 
 # The mixers a retrofit can add as a gated branch: the recurrent ones (TTT-Linear, TTT-MLP, LaCT).
 BRANCHES = tuple(name for name, family in MIXERS.items() if family.recurrent)
@@ -69,7 +69,8 @@ class ModelConfig:
       rope_theta: RoPE base of attention mixers and LaCT mixers.
       attention_impl: "auto", "xla" or "cudnn" (`ttt_jax.layers.attention`), for attention
         mixers and LaCT's window attention.
-      precision: "bf16" (fp32 params and fast-weight state, bf16 compute) or "fp32".
+      precision: "bf16" (fp32 params and fast-weight state, bf16 compute), "fp32", or "fp64"
+        (everything float64, under `jax_enable_x64`: the exactness tests).
       block_remat: remat policy name wrapped around each whole block (`ttt_jax.ops.core.remat`):
         none, full, dots, dots_no_batch, save_names:..., offload_names:... (block names are
         `ttt_jax.models.block.NAMES`). `offload_names:` reaches host memory only with two or

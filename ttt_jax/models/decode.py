@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ttt_jax.ops.core import rms_norm
+from ttt_jax.ops.core import rms_norm, wide_dtype
 
 
 def _attention(layer, x, cache, *, max_length, **_):
@@ -100,8 +100,9 @@ def block_step(block, x, embeddings, cache: dict | None, *, max_length: int):
     branch = getattr(block, "branch_name", None)
     if branch is not None:
         b, new["branch"] = _step(branch, block.branch, xn, cache.get("branch"), **side)
-        gate = block.branch_gate[...].astype(jnp.float32)
-        m = m.astype(jnp.float32) + gate * b.astype(jnp.float32)
+        w = wide_dtype(m.dtype)
+        gate = block.branch_gate[...].astype(w)
+        m = m.astype(w) + gate * b.astype(w)
     m = m.astype(cd)
     h = x + m.astype(x.dtype)
     hn = rms_norm(h, block.mlp_norm[...], c.norm_eps).astype(cd)

@@ -35,6 +35,34 @@ def dot(a: jax.Array, b: jax.Array, cd, *, ta: bool = False, tb: bool = False) -
     )
 
 
+def dot_wide(a: jax.Array, b: jax.Array, cd, *, ta: bool = False, tb: bool = False) -> jax.Array:
+    """`dot` at about fp32 accuracy from compute-dtype MMAs: for the products that the fp32
+    state (or its cotangent) accumulates over every mini-batch, where one bf16 rounding per
+    step adds up along the whole chain (the TTT-MLP `token_scale` gradient went from 2.3e-2 to
+    about 1e-2 relative against the fp32 op).
+
+    Each fp32 operand is split as `hi + lo` (`hi` = its compute-dtype rounding) and the product
+    taken as `hi hi + hi lo + lo hi`: three MMAs, two when one operand is already in the
+    compute dtype (its `lo` is 0), one plain `dot` under fp32 compute.
+    """
+    if jnp.dtype(cd) == jnp.float32:
+        return dot(a, b, cd, ta=ta, tb=tb)
+
+    def split(x):
+        if x.dtype == jnp.dtype(cd):
+            return (x,)
+        hi = x.astype(cd)
+        return hi, (x - hi.astype(x.dtype)).astype(cd)
+
+    (a_hi, *a_lo), (b_hi, *b_lo) = split(a), split(b)
+    out = dot(a_hi, b_hi, cd, ta=ta, tb=tb)
+    for lo in b_lo:
+        out = out + dot(a_hi, lo, cd, ta=ta, tb=tb)
+    for lo in a_lo:
+        out = out + dot(lo, b_hi, cd, ta=ta, tb=tb)
+    return out
+
+
 def row_mean(x: jax.Array) -> jax.Array:
     """Mean over the feature axis of `[C, D]`, kept as `[C, 1]`."""
     return jnp.sum(x, axis=1, keepdims=True) * (1.0 / x.shape[1])

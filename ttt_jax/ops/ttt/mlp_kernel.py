@@ -117,18 +117,31 @@ def resolve_impl(impl: str, q, hidden: int, mini_batch_size: int, state_dtype, s
     )
 
 
-def launch_defaults(d: int, *, backward: bool) -> Launch:
-    """Per head dim, untuned first guesses (no GPU run has tuned them yet;
-    `benchmarks/bench_ttt_mlp_kernel.py --config` tries others). At D=64 the backward would carry
-    the 128 KiB state cotangent and the 128 KiB replay state at once, so it starts in "hbm"."""
+def launch_defaults(d: int, *, backward: bool, compute_dtype="bfloat16") -> Launch:
+    """Per head dim and compute dtype, first guesses (H100 runs: bf16 at D=64 passes the GPU
+    tests with these and was timed with them; `benchmarks/bench_ttt_mlp_kernel.py --config`
+    tries others). At D=64 the backward would carry the 128 KiB state cotangent and the 128 KiB
+    replay state at once, so it starts in "hbm".
+
+    fp32 inputs at D=64 take `num_stages=1`: with 2, Triton's software pipelining double-buffers
+    the fp32 tiles and the kernels ask for more shared memory than an SM has (H100: 262 KB for
+    the forward in "hbm", 445 KB for the backward, against 227 KB; the forward fits at 1).
+    """
+    stages = 1 if jnp.dtype(compute_dtype) == jnp.float32 else 2
     if d == 64:
-        return Launch(8, 2, 64, "hbm") if backward else Launch(8, 2, None, "registers")
-    return Launch(4, 2, None, "registers")
+        return Launch(8, stages, 64, "hbm") if backward else Launch(8, stages, None, "registers")
+    return Launch(4, stages, None, "registers")
 
 
 def _config(launch: Launch | None, default: Launch, **static) -> MLPKernelConfig:
     launch = launch or default
     f = static["hidden"]
+    stages = launch.num_stages or default.num_stages
+    if launch.state_in == "hbm" and launch.num_stages is None:
+        # The state is written in one loop step and read in the next: software pipelining would
+        # prefetch the next step's reads ahead of this step's writes (an H100 run of the
+        # forward in "hbm" with 2 stages gave a q gradient off by 0.26 relative).
+        stages = 1
     bf = launch.hidden_block or min(default.hidden_block or f, f)
     if bf < 16 or bf & (bf - 1) or f % bf:
         raise ValueError(
@@ -137,7 +150,7 @@ def _config(launch: Launch | None, default: Launch, **static) -> MLPKernelConfig
     return MLPKernelConfig(
         **static,
         num_warps=launch.num_warps or default.num_warps,
-        num_stages=launch.num_stages or default.num_stages,
+        num_stages=stages,
         hidden_block=bf,
         state_in=launch.state_in,
     )
@@ -182,8 +195,9 @@ def ttt_mlp_pallas(
     )  # fmt: skip
     static["hidden"] = state[0].shape[-1]
     d = static["dim"]
-    fcfg = _config(fwd, launch_defaults(d, backward=False), **static)
-    bcfg = _config(bwd, launch_defaults(d, backward=True), **static)
+    cd = static["compute_dtype"]
+    fcfg = _config(fwd, launch_defaults(d, backward=False, compute_dtype=cd), **static)
+    bcfg = _config(bwd, launch_defaults(d, backward=True, compute_dtype=cd), **static)
     state = tuple(x.astype(jnp.float32) for x in state)
     o, *final = fused(forward, backward, fcfg, bcfg, *inputs, state)
     return (o[:, :t], *final)

@@ -65,7 +65,9 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
                 w1, w2 = state.get(n)
                 g1e = mm.hidden_grad(g2, z1s[n], w2.astype(cd), cd)[2] * step
                 state.set(
-                    n, w1 - km.dot(k, g1e, cd, ta=True), w2 - km.dot(x2s[n], g2e, cd, ta=True)
+                    n,
+                    w1 - km.dot_wide(k, g1e, cd, ta=True),
+                    w2 - km.dot_wide(x2s[n], g2e, cd, ta=True),
                 )
                 new_b1s.append(b1s[n] - jnp.sum(g1e, axis=0))
             state.sync()
@@ -164,12 +166,13 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
                 dx2 = dx2s[n] + km.dot(dz2, w2c, cd, tb=True)
                 dz1 = dz1s[n] + dx2 * gps[n]  # X2 = gelu(Z1), Z1 = k W1 + b1
                 dk += km.dot(dz1, w1c, cd, tb=True)
-                dw1 = dw1 + km.dot(q, dz1bs[n], cd, ta=True) + km.dot(k, dz1, cd, ta=True)
+                # The state cotangent accumulates over the reverse chain: fp32-accurate products.
+                dw1 = dw1 + km.dot_wide(q, dz1bs[n], cd, ta=True) + km.dot_wide(k, dz1, cd, ta=True)
                 dw2 = (
                     dw2
-                    + km.dot(x2bs[n], dz2b, cd, ta=True)
-                    + km.dot(dhs[n], g2, cd, ta=True)
-                    + km.dot(x2s[n], dz2, cd, ta=True)
+                    + km.dot_wide(x2bs[n], dz2b, cd, ta=True)
+                    + km.dot_wide(dhs[n], g2, cd, ta=True)
+                    + km.dot_wide(x2s[n], dz2, cd, ta=True)
                 )
                 dstate.set(n, dw1, dw2)
                 new_db1s.append(db1s[n] + jnp.sum(dz1bs[n], axis=0) + jnp.sum(dz1, axis=0))

@@ -199,7 +199,11 @@ def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
             _, _, s2_j, p_j = mm.read_block(q, attn1, g1, w1c, b1s[j], x2s[j], w2c, cd)
             s2, z2b = s2 + s2_j, z2b + p_j
             g1e = g1 * step[:, None]
-            state.set(j, w1 - km.dot(k, g1e, cd, ta=True), w2 - km.dot(x2s[j], g2e, cd, ta=True))
+            state.set(
+                j,
+                w1 - km.dot_wide(k, g1e, cd, ta=True),
+                w2 - km.dot_wide(x2s[j], g2e, cd, ta=True),
+            )
             new_b1s.append(b1s[j] - jnp.sum(g1e, axis=0))
         state.sync()
         z2b = z2b - km.dot(e * (s2 + 1.0), g2, cd)
