@@ -35,10 +35,6 @@ MICRO_ARGS = [
 
 def env(devices: int | None = None) -> dict:
     e = dict(os.environ)
-    # Without the suite's fast CPU compile flags (tests/conftest.py): these runs execute many
-    # steps, where the optimised code is worth its compile time.
-    if "TTT_TESTS_BASE_XLA_FLAGS" in e:
-        e["XLA_FLAGS"] = e.pop("TTT_TESTS_BASE_XLA_FLAGS")
     e.update(
         PYTHONPATH=str(ROOT),
         JAX_PLATFORMS="cpu",

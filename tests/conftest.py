@@ -39,49 +39,9 @@ Promotion (the autouse fixture `_promotion` below):
 from __future__ import annotations
 
 import contextlib
-import glob
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
-
-from ttt_jax.memory.analysis import FAST_CPU_OPTIONS
-
-# Compile speed (issue 14: the suite is mostly XLA:CPU compile time on 2 cores). Without a GPU,
-# every test compiles with the planner's FAST_CPU_OPTIONS, given to XLA through XLA_FLAGS
-# before the backend starts: 2-2.5x faster compiles (a TTT-Linear retrofit recipe 14.2 ->
-# 5.8 s, LaCT packed float64 17.0 -> 7.3 s, an MLP-kernel interpret case 9.0 -> 3.6 s, jax
-# 0.10.2). The programs compute the same functions: these options skip LLVM's optimisation
-# passes and pick the older fusion emitters, which change speed, not what is computed; the
-# tolerances are the same. `test_memory_report.py::test_fast_cpu_options_keep_the_numbers`
-# compiles with XLA's defaults given per compile to keep its comparison. Subprocess tests
-# (`_train_helpers.env`) get the environment without them. TTT_TESTS_DEFAULT_COMPILE=1 turns
-# this off; a jaxlib that rejects a flag (checked in a subprocess) leaves XLA_FLAGS alone.
-BASE_XLA_FLAGS = "TTT_TESTS_BASE_XLA_FLAGS"
-FAST_XLA_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_CPU_OPTIONS.items())
-
-
-def _fast_cpu_compiles() -> None:
-    base = os.environ.get("XLA_FLAGS", "")
-    if FAST_XLA_FLAGS in base or os.environ.get("TTT_TESTS_DEFAULT_COMPILE") == "1":
-        return
-    if os.environ.get("JAX_PLATFORMS", "cpu") != "cpu" or glob.glob("/dev/nvidia[0-9]*"):
-        return
-    flags = f"{base} {FAST_XLA_FLAGS}".strip()
-    probe = subprocess.run(
-        [sys.executable, "-c", "import jax; print(jax.jit(lambda x: x + 1)(1.0))"],
-        env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
-        capture_output=True,
-        timeout=300,
-    )
-    if probe.returncode == 0:
-        os.environ[BASE_XLA_FLAGS] = base
-        os.environ["XLA_FLAGS"] = flags
-
-
-_fast_cpu_compiles()
 
 STANDARD_DTYPE = ("tests/train/", "tests/memory/", "tests/models/test_retrofit.py")
 KNOWN_PROMOTIONS = {
