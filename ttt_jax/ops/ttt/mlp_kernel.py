@@ -123,9 +123,10 @@ def launch_defaults(d: int, *, backward: bool, compute_dtype="bfloat16") -> Laun
     tries others). At D=64 the backward would carry the 128 KiB state cotangent and the 128 KiB
     replay state at once, so it starts in "hbm".
 
-    fp32 inputs at D=64 take `num_stages=1`: with 2, Triton's software pipelining double-buffers
-    the fp32 tiles and the kernels ask for more shared memory than an SM has (H100: 262 KB for
-    the forward in "hbm", 445 KB for the backward, against 227 KB; the forward fits at 1).
+    fp32 inputs take `num_stages=1`: with 2 at D=64 the kernels asked for more shared memory
+    than an SM has (H100: 262 KB for the forward in "hbm", 445 KB for the backward, against
+    227 KB); with 1 the forward fit and the fp32 GPU tests passed. (Presumably Triton's
+    pipelining buffers the fp32 tiles twice; not checked in the compiled kernel.)
     """
     stages = 1 if jnp.dtype(compute_dtype) == jnp.float32 else 2
     if d == 64:
@@ -138,9 +139,10 @@ def _config(launch: Launch | None, default: Launch, **static) -> MLPKernelConfig
     f = static["hidden"]
     stages = launch.num_stages or default.num_stages
     if launch.state_in == "hbm" and launch.num_stages is None:
-        # The state is written in one loop step and read in the next: software pipelining would
-        # prefetch the next step's reads ahead of this step's writes (an H100 run of the
-        # forward in "hbm" with 2 stages gave a q gradient off by 0.26 relative).
+        # Measured, not explained: the H100 forward in "hbm" with 2 stages gave a q gradient
+        # off by 0.26 relative, with 1 it passes. The suspect is pipelining that prefetches
+        # the next step's state reads ahead of this step's writes. The backward default
+        # names its 2 stages and passes its GPU tests.
         stages = 1
     bf = launch.hidden_block or min(default.hidden_block or f, f)
     if bf < 16 or bf & (bf - 1) or f % bf:
