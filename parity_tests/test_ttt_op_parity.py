@@ -1,7 +1,17 @@
 """TTT-Linear / TTT-MLP ops: JAX dual form vs the torch primal-form reference.
 
-Outputs, final states, and gradients with respect to q, k, v, eta, every parameter, the token
-scale and the initial state, fp32 on CPU, relative error <= 1e-5.
+Outputs, final states, and gradients with respect to q, k, v, eta, every parameter and the
+initial state, fp32 on CPU, relative error <= 1e-5 (OP_TOL).
+
+The token-scale gradient is held to a bound derived from its conditioning instead: it is a sum
+over the B * H independent sequences of contributions that cancel (measured in float64 for
+`mlp-29-4-3`: contributions up to 37 summing to 2.9, 41x cancellation), so its fp32 error
+relative to its own norm is that cancellation times the contributions' rounding, and it moved
+with the platform (1.05e-5 on one 2-core CI machine, 4.2e-6 on another, same code). If each
+sequence's contribution is right to OP_TOL relative, the sum is off by at most OP_TOL times the
+sum of the contributions' magnitudes: that bound is asserted, per element, against the float64
+reference (largest error / bound over the cases: 0.048, CPU, jax 0.10.2). Its exactness is
+checked in float64 at 1e-12 by `test_float64_exact.py`.
 """
 
 import jax
@@ -67,6 +77,40 @@ def probes(seed, out_shape, state):
         ),
     )
     return r_out, r_state
+
+
+def token_scale_contributions(ref_op, x, params, weight_names, c, state0, r_out, r_state):
+    """The float64 reference's token-scale gradient per sequence: [B * H, C], row b * H + h the
+    gradient of sequence (b, h)'s part of the probe objective. The rows sum to the gradient."""
+    d = lambda a: to_torch(a).double()  # noqa: E731
+    tx = {k: d(v) for k, v in x.items()}
+    tp = {k: d(v) for k, v in params.items()}
+    tp["token_scale"].requires_grad_()
+    ts0 = None
+    if state0 is not None:
+        ts0 = state_to_torch(jax.tree.map(lambda a: np.asarray(a, np.float64), state0))
+    to, tstate = ref_op(
+        tx["q"],
+        tx["k"],
+        tx["v"],
+        tx["eta"],
+        **{k: tp[k] for k in weight_names},
+        ln_scale=tp["ln_scale"],
+        ln_bias=tp["ln_bias"],
+        mini_batch_size=c,
+        token_scale=tp["token_scale"],
+        initial_state=ts0,
+    )
+    names = [f for f in ("W1", "b1", "W2", "b2") if hasattr(tstate, f)]
+    rows = []
+    for b in range(B):
+        for h in range(H):
+            obj = (to[b, :, h] * d(r_out)[b, :, h]).sum() + sum(
+                (getattr(tstate, n)[b, h] * d(getattr(r_state, n))[b, h]).sum() for n in names
+            )
+            (g,) = torch.autograd.grad(obj, tp["token_scale"], retain_graph=True)
+            rows.append(g.numpy())
+    return np.stack(rows)
 
 
 def fast(fn, *args):
@@ -164,7 +208,14 @@ def test_op_parity(inner, t, c, group, with_state):
             # With an initial state the parameters W1.. are unused: both sides give zero.
             assert np.abs(np.asarray(gj)).max() == 0 and np.abs(gt).max() == 0, name
             continue
+        if name == "token_scale":
+            continue  # the derived bound below
         assert rel_err(gj, gt) <= OP_TOL, (name, rel_err(gj, gt))
+
+    parts = token_scale_contributions(ref_op, x, params, weight_names, c, state0, r_out, r_state)
+    err = np.abs(np.asarray(gp["token_scale"], np.float64) - parts.sum(0))
+    bound = OP_TOL * np.abs(parts).sum(0)
+    assert np.all(err <= bound), ("token_scale", err, bound)
 
 
 @pytest.mark.gpu
