@@ -188,7 +188,6 @@ def _call(impl, d=16, c=16, **kw):
         ("pallas_interpret", {"d": 24}, r"head dim D=24 .* \(16, 32, 64, 128\)"),
         ("pallas_interpret", {"c": 8}, r"mini_batch_size=8 is not one of \(16, 32, 64\)"),
         ("pallas_interpret", {"state_dtype": jnp.bfloat16}, "state_dtype=bfloat16 must be"),
-        ("pallas_interpret", {"segment_ids": jnp.zeros((1, 20), jnp.int32)}, "segment_ids"),
     ],
 )
 def test_bad_impl_arguments_raise(impl, kw, match):

@@ -21,48 +21,39 @@ from ttt_jax.ops.ttt.kernel_common import KernelConfig, pl
 
 
 def _backward_kernel(*refs, cfg: KernelConfig):
-    (
-        q_ref,
-        k_ref,
-        v_ref,
-        eta_ref,
-        ts_ref,
-        lnw_ref,
-        lnb_ref,
-        ckw_ref,
-        ckb_ref,
-        do_ref,
-        dwf_ref,
-        dbf_ref,
-    ) = refs[:12]
-    (
-        dq_ref,
-        dk_ref,
-        dv_ref,
-        deta_ref,
-        dw0_ref,
-        db0_ref,
-        dlnw_ref,
-        dlnb_ref,
-        dts_ref,
-        sw_ref,
-        sb_ref,
-    ) = refs[12:]
+    (q_ref, k_ref, v_ref, eta_ref, ts_ref, lnw_ref, lnb_ref, ckw_ref, ckb_ref, do_ref, dwf_ref,
+     dbf_ref) = refs[:12]  # fmt: skip
+    refs = refs[12:]
+    flags_ref = reset_refs = None
+    if cfg.segmented:
+        flags_ref, *reset_refs = refs[:3]
+        refs = refs[3:]
+    dq_ref, dk_ref, dv_ref, deta_ref, dw0_ref, db0_ref, dlnw_ref, dlnb_ref, dts_ref = refs[:9]
+    refs = refs[9:]
+    dreset_refs = ()
+    if cfg.segmented:
+        dreset_refs, refs = refs[:2], refs[2:]
+    sw_ref, sb_ref = refs
     b, h = pl.program_id(0), pl.program_id(1)
     c, cd, f32 = cfg.mini_batch, cfg.cd, jnp.float32
     inputs = (q_ref, k_ref, v_ref, eta_ref)
     gamma, beta, a_causal, a_last = kc.head_params(lnw_ref, lnb_ref, ts_ref, h, c)
 
+    for ref in dreset_refs:  # sums over this program's resets
+        ref[b, h] = jnp.zeros(ref.shape[2:], ref.dtype)
+
     def replay(start):
         def body(j, carry):
             w, bias = carry
             i = start + j
+            if cfg.segmented:
+                w, bias = kc.maybe_reset(flags_ref, reset_refs, (w, bias), b, h, i)
             sw_ref[b, h, j, :, :] = w.astype(sw_ref.dtype)
             sb_ref[b, h, j, :] = bias
             _, k, v, eta = kc.chunk_inputs(inputs, b, h, i, c)
             z = km.dot(k, w, cd) + bias[None, :]
             g = km.inner_grad(z, v.astype(f32) - k.astype(f32), gamma, beta)[0]
-            ge = g * (jnp.where(i < cfg.n_full, a_last, 0.0) * eta)[:, None]
+            ge = g * (jnp.where(kc.commits(cfg, flags_ref, b, i), a_last, 0.0) * eta)[:, None]
             return w - km.dot(k, ge, cd, ta=True), bias - jnp.sum(ge, axis=0)
 
         return body
@@ -95,7 +86,7 @@ def _backward_kernel(*refs, cfg: KernelConfig):
             da_mat = -km.dot(dzb, g, cd, tb=True)
             dg = -km.dot(attn, dzb, cd, ta=True)
             # --- the update W' = W - k^T (s G), b' = b - sum s G, s = token_scale[-1] eta
-            full = i < cfg.n_full
+            full = kc.commits(cfg, flags_ref, b, i)
             scale = jnp.where(full, a_last, 0.0)
             s = scale * eta
             p = km.dot(k, dw, cd) + db[None, :]
@@ -115,6 +106,8 @@ def _backward_kernel(*refs, cfg: KernelConfig):
             kc.store_input_grads((dq_ref, dk_ref, dv_ref, deta_ref), b, h, rows, (dq, dk, dt, deta))
             dw = dw + km.dot(q, dzb, cd, ta=True) + km.dot(k, dz, cd, ta=True)
             db = db + jnp.sum(dzb, axis=0) + jnp.sum(dz, axis=0)
+            if cfg.segmented:
+                dw, db = kc.collect_reset_grads(flags_ref, dreset_refs, (dw, db), b, h, i)
             return dw, db, dgamma, dbeta, dts
 
         return body
@@ -131,19 +124,25 @@ def _backward_kernel(*refs, cfg: KernelConfig):
 
 
 def backward(cfg: KernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ckpts, do,
-             dstate):  # fmt: skip
+             dstate, *, segs):  # fmt: skip
     """Runs the backward kernel.
 
-    Args: the forward's inputs (as in `kernel_fwd.forward`), its checkpoints `(ckW, ckb)`, and
-    the cotangents `do [B, N C, H, D]` (dtype of q) and `dstate = (dW [B, H, D, D], db [B, H,
-    D])` (fp32).
+    Args: the forward's inputs (as in `kernel_fwd.forward`, `segs` included), its checkpoints
+    `(ckW, ckb)`, and the cotangents `do [B, N C, H, D]` (dtype of q) and `dstate = (dW [B, H,
+    D, D], db [B, H, D])` (fp32).
 
     Returns:
       `dq, dk, dv` (dtype of q), `deta [B, N C, H]`, `dW0 [B, H, D, D]`, `db0 [B, H, D]` (fp32),
-      and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`.
+      and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`;
+      with `segs`, also the per-sample cotangent of the reset state `(dW [B, H, D, D], db [B,
+      H, D])`.
     """
     bsz, _, heads, d = q.shape
     out_shape = kc.backward_out_shape(cfg, q, [(d, d), (d,)])
+    seg_args = ()
+    if segs is not None:
+        seg_args = (segs[0], *segs[1])
+        out_shape += [jax.ShapeDtypeStruct((bsz, *r.shape), jnp.float32) for r in segs[1]]
     n_out = len(out_shape)
     # Scratch: the replayed states of one group (compute dtype) and their biases.
     out_shape += [
@@ -151,5 +150,8 @@ def backward(cfg: KernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ck
         jax.ShapeDtypeStruct((bsz, heads, cfg.group, d), jnp.float32),
     ]
     kernel = kc.kernel_partial(_backward_kernel, cfg=cfg)
-    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, *ckpts, do, *dstate)
-    return kc.call(kernel, cfg, out_shape, *args)[:n_out]
+    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, *ckpts, do, *dstate, *seg_args)
+    outs = kc.call(kernel, cfg, out_shape, *args)[:n_out]
+    if segs is None:
+        return outs
+    return (*outs[:-2], tuple(outs[-2:]))

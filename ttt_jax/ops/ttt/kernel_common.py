@@ -9,10 +9,14 @@ and stores (`chunk_inputs`, `head_params`, `store_input_grads`), the backward's 
 checkpoint groups (`reverse_groups`), the CTA barrier, and the output shapes of the state.
 
 A kernel pair plugs in as two functions of the same form, `forward(cfg, q, k, v, eta,
-token_scale, ln_scale, ln_bias, state, *, with_checkpoints) -> (o, *final_state,
+token_scale, ln_scale, ln_bias, state, *, segs, with_checkpoints) -> (o, *final_state,
 *checkpoints)` and `backward(cfg, q, k, v, eta, token_scale, ln_scale, ln_bias, checkpoints,
-do, dstate) -> (dq, dk, dv, deta, *dstate0, dln_scale, dln_bias, dtoken_scale)`, where `state`
-is the tuple of the state's fp32 fields and the last three are per-(sample, head) partial sums.
+do, dstate, *, segs) -> (dq, dk, dv, deta, *dstate0, dln_scale, dln_bias, dtoken_scale)`, where
+`state` is the tuple of the state's fp32 fields and the last three are per-(sample, head)
+partial sums. With `cfg.segmented`, `segs = (flags, reset)` (packed documents: per-mini-batch
+`RESET` / `COMMIT` bits and the state a reset restarts from, `maybe_reset`) and the backward
+also returns the per-sample cotangent of `reset` (`collect_reset_grads`); otherwise `segs` is
+None.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from jax import lax
 
 from ttt_jax.ops.core.checks import check_choice, check_positive_int
 from ttt_jax.ops.ttt import kernel_math as km
+from ttt_jax.ops.ttt.packed import COMMIT, RESET
 
 with warnings.catch_warnings():
     # The Triton backend is deprecated from jax 0.11 on; it is the one that runs at C = 16.
@@ -62,17 +67,19 @@ def kernel_reason(
     return None
 
 
-def resolve(impl: str, reason: Callable[[], str | None], segment_ids, no_segments: str) -> str:
+def resolve(
+    impl: str, reason: Callable[[], str | None], segment_ids, no_segments: str | None
+) -> str:
     """`"xla"`, `"pallas"` or `"pallas_interpret"` for an op's `impl` argument.
 
     `reason()` says why the kernel cannot take the call (None if it can; not asked for "xla");
-    `no_segments` is the reason when `segment_ids` is given (the kernels take none).
+    `no_segments` is the reason when `segment_ids` is given (None: the kernel takes them).
     """
     check_choice("impl", impl, IMPLS)
     if impl == "xla":
         return "xla"
     why = reason()
-    if why is None and segment_ids is not None:
+    if why is None and segment_ids is not None and no_segments is not None:
         why = no_segments
     return dispatch(impl, why)
 
@@ -129,25 +136,35 @@ def kernel_inputs(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def fused(forward, backward, fcfg, bcfg, q, k, v, eta, token_scale, ln_scale, ln_bias, state):
+def fused(forward, backward, fcfg, bcfg, q, k, v, eta, token_scale, ln_scale, ln_bias, state,
+          segs=None):  # fmt: skip
     """`(o, *final_state)` of the forward kernel, differentiated by the backward kernel (module
-    docstring); `fcfg`, `bcfg` their static configs."""
+    docstring); `fcfg`, `bcfg` their static configs. `segs`: None, or `(flags [B, N] int32,
+    reset)` for configs with `segmented` (`RESET`, `COMMIT`; `reset` the state's fp32 fields
+    `[H, ...]` a flagged mini-batch restarts from)."""
     args = (q, k, v, eta, token_scale, ln_scale, ln_bias, state)
-    return tuple(forward(fcfg, *args, with_checkpoints=False))
+    return tuple(forward(fcfg, *args, segs=segs, with_checkpoints=False))
 
 
-def _fused_fwd(forward, backward, fcfg, bcfg, q, k, v, eta, token_scale, ln_scale, ln_bias, state):
+def _fused_fwd(forward, backward, fcfg, bcfg, q, k, v, eta, token_scale, ln_scale, ln_bias, state,
+               segs=None):  # fmt: skip
     args = (q, k, v, eta, token_scale, ln_scale, ln_bias, state)
-    outs = forward(fcfg, *args, with_checkpoints=True)
+    outs = forward(fcfg, *args, segs=segs, with_checkpoints=True)
     n = 1 + len(state)
-    return tuple(outs[:n]), (*args[:-1], tuple(outs[n:]))
+    return tuple(outs[:n]), (*args[:-1], tuple(outs[n:]), segs)
 
 
 def _fused_bwd(forward, backward, fcfg, bcfg, res, cts):
+    *res, segs = res
     do, *dstate = cts
-    dq, dk, dv, deta, *rest = backward(bcfg, *res, do, dstate)
+    dq, dk, dv, deta, *rest = backward(bcfg, *res, do, dstate, segs=segs)
+    dsegs = None
+    if segs is not None:
+        *rest, dreset = rest
+        dsegs = (None, tuple(x.sum(0) for x in dreset))
     *dstate0, dlnw, dlnb, dts = rest
-    return dq, dk, dv, deta, dts.sum((0, 1)), dlnw.sum(0), dlnb.sum(0), tuple(dstate0)
+    grads = (dq, dk, dv, deta, dts.sum((0, 1)), dlnw.sum(0), dlnb.sum(0), tuple(dstate0))
+    return (*grads, dsegs)
 
 
 fused.defvjp(_fused_fwd, _fused_bwd)
@@ -168,6 +185,9 @@ class KernelConfig:
       num_warps, num_stages: Triton launch parameters.
       poison: start every output buffer as NaN (GPU tests: an element the kernel fails to
         write shows up as NaN instead of stale memory).
+      segmented: the kernels read per-mini-batch flags (`RESET`, `COMMIT`) and a reset state
+        (packed documents, `packed.run_packed_kernel`); otherwise mini-batch i commits its
+        update iff `i < n_full` and nothing resets.
     """
 
     batch: int
@@ -182,6 +202,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     poison: bool = False
+    segmented: bool = False
 
     @property
     def n_groups(self) -> int:
@@ -248,6 +269,42 @@ def backward_out_shape(cfg: KernelConfig, q, fields) -> list:
     out_shape = [sd(q.shape, q.dtype)] * 3 + [sd((bsz, t, heads), f32)]
     out_shape += [sd((bsz, heads, *s), f32) for s in fields]
     return out_shape + [sd((bsz, heads, d), f32)] * 2 + [sd((bsz, heads, cfg.mini_batch), f32)]
+
+
+def commits(cfg: KernelConfig, flags_ref, b, i):
+    """Whether mini-batch `i` of sample `b` writes its update back (a traced bool)."""
+    if cfg.segmented:
+        return lax.bitwise_and(flags_ref[b, i], COMMIT) != 0
+    return i < cfg.n_full
+
+
+def resets(flags_ref, b, i):
+    """Whether mini-batch `i` of sample `b` starts from the reset state (a traced bool)."""
+    return lax.bitwise_and(flags_ref[b, i], RESET) != 0
+
+
+def maybe_reset(flags_ref, reset_refs, carry, b, h, i):
+    """The state mini-batch `i` starts from: head `h`'s reset state (fields `reset_refs`,
+    `[H, ...]`) where it is flagged `RESET`, else the carried `carry` (same fields)."""
+    return lax.cond(
+        resets(flags_ref, b, i),
+        lambda: tuple(r[h] for r in reset_refs),
+        lambda: tuple(carry),
+    )
+
+
+def collect_reset_grads(flags_ref, dreset_refs, dcarry, b, h, i):
+    """The backward of `maybe_reset` at mini-batch `i`: where it reset, the cotangent of its
+    starting state `dcarry` adds into `dreset_refs` (`[B, H, ...]`, this program's own rows)
+    and the carried state before it gets none. Returns the cotangent carried on."""
+    r = resets(flags_ref, b, i)
+
+    @pl.when(r)
+    def _():
+        for ref, x in zip(dreset_refs, dcarry, strict=True):
+            ref[b, h] = ref[b, h] + x
+
+    return tuple(jnp.where(r, jnp.zeros_like(x), x) for x in dcarry)
 
 
 def chunk_inputs(refs, b, h, i, c):

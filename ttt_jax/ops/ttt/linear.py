@@ -31,7 +31,7 @@ from ttt_jax.ops.ttt.common import (
     prepare_ttt,
 )
 from ttt_jax.ops.ttt.linear_kernel import resolve_impl, ttt_linear_pallas
-from ttt_jax.ops.ttt.packed import band_dual, band_rates
+from ttt_jax.ops.ttt.packed import band_dual, band_rates, run_packed_kernel
 
 # checkpoint_name tags usable in `save_names:` / `offload_names:` remat policies.
 NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
@@ -136,22 +136,6 @@ def ttt_linear(
     cd, acc, state = q.dtype, call.acc, call.state
     token_scale, ln_scale, ln_bias = call.token_scale, call.ln_scale, call.ln_bias
     ln_s, ln_b = ln_scale[None, :, None, :], ln_bias[None, :, None, :]  # against [B, H, C, D]
-    if backend != "xla":
-        o, w, bias = ttt_linear_pallas(
-            q,
-            k,
-            v,
-            eta,
-            state.W1,
-            state.b1,
-            ln_scale,
-            ln_bias,
-            token_scale,
-            mini_batch_size=mini_batch_size,
-            checkpoint_group=checkpoint_group,
-            interpret=backend == "pallas_interpret",
-        )
-        return o, TTTLinearState(W1=w, b1=bias)
 
     def step(s: TTTLinearState, xs):
         qc, kc, vc, ec = xs  # [B, H, C, D], eta [B, H, C]
@@ -183,4 +167,31 @@ def ttt_linear(
         z_bar = matmul("bhcd,hde->bhce", qc, w, cd) + bias - band_dual(qc, kw, g, e, cd)
         return qc.astype(acc) + layer_norm(z_bar, ln_s, ln_b, eps=LN_EPS)
 
-    return call.run(step, const_reads, q, k, v, eta)
+    if backend == "xla":
+        return call.run(step, const_reads, q, k, v, eta)
+
+    def kernel(q, k, v, eta, state, flags=None, reset=None):
+        o, w, bias = ttt_linear_pallas(
+            q,
+            k,
+            v,
+            eta,
+            state.W1,
+            state.b1,
+            ln_scale,
+            ln_bias,
+            token_scale,
+            mini_batch_size=mini_batch_size,
+            checkpoint_group=checkpoint_group,
+            interpret=backend == "pallas_interpret",
+            segs=None if flags is None else (flags, (reset.W1, reset.b1)),
+        )
+        return o, TTTLinearState(W1=w, b1=bias)
+
+    if segment_ids is None:
+        return kernel(q, k, v, eta, state)
+    o, state = run_packed_kernel(
+        kernel, const_reads, state, call.slow, q, k, v, eta, segment_ids,
+        token_scale=token_scale, mini_batch_size=mini_batch_size,
+    )  # fmt: skip
+    return o.astype(q.dtype), state

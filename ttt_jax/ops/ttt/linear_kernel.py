@@ -58,10 +58,7 @@ def resolve_impl(impl: str, q, mini_batch_size: int, state_dtype, segment_ids=No
     and the supported set.
     """
     return resolve(
-        impl,
-        lambda: unsupported_reason(q, mini_batch_size, state_dtype),
-        segment_ids,
-        "segment_ids is not supported by the kernel yet (only segment_ids=None)",
+        impl, lambda: unsupported_reason(q, mini_batch_size, state_dtype), segment_ids, None
     )
 
 
@@ -88,6 +85,7 @@ def ttt_linear_pallas(
     num_warps: int | None = None,
     num_stages: int | None = None,
     poison: bool = False,
+    segs=None,
 ):
     """TTT-Linear on the kernels; arguments already checked by `ttt_linear`.
 
@@ -99,6 +97,9 @@ def ttt_linear_pallas(
       interpret: run under the Pallas interpreter.
       num_warps, num_stages: Triton launch overrides (benchmarks); None takes the defaults.
       poison: start the kernels' output buffers as NaN (tests of full coverage).
+      segs: None, or packed documents on the kernels' sequence (`packed.run_packed_kernel`):
+        `(flags [B, N] int32, (W [H, D, D], b [H, D]))`, each mini-batch's `RESET` / `COMMIT`
+        bits and the state a reset restarts from (T must then be `N C`).
 
     Returns:
       `(o [B, T, H, D] dtype of q, W [B, H, D, D] fp32, b [B, H, D] fp32)`.
@@ -109,7 +110,14 @@ def ttt_linear_pallas(
         checkpoint_group=checkpoint_group, interpret=interpret, poison=poison,
     )  # fmt: skip
     warps, stages = launch_defaults(static["dim"])
-    cfg = KernelConfig(**static, num_warps=num_warps or warps, num_stages=num_stages or stages)
+    cfg = KernelConfig(
+        **static,
+        num_warps=num_warps or warps,
+        num_stages=num_stages or stages,
+        segmented=segs is not None,
+    )
     state = tuple(x.astype(jnp.float32) for x in (w0, b0))
-    o, w, b = fused(forward, backward, cfg, cfg, *inputs, state)
+    if segs is not None:
+        segs = (segs[0], tuple(x.astype(jnp.float32) for x in segs[1]))
+    o, w, b = fused(forward, backward, cfg, cfg, *inputs, state, segs)
     return o[:, :t], w, b

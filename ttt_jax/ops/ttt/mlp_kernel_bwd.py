@@ -213,7 +213,7 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
 
 
 def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ckpts, do,
-             dstate):  # fmt: skip
+             dstate, *, segs=None):  # fmt: skip
     """Runs the backward kernel.
 
     Args: the forward's inputs (as in `mlp_kernel_fwd.forward`), its four checkpoint arrays,
@@ -224,6 +224,7 @@ def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias,
       `dq, dk, dv` (dtype of q), `deta [B, N C, H]`, the four initial-state cotangents (fp32),
       and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`.
     """
+    assert segs is None, "the TTT-MLP kernel takes no segments"
     bsz, _, heads, d = q.shape
     f, g = cfg.hidden, cfg.group
     f32 = jnp.float32

@@ -227,8 +227,8 @@ def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
 
 
 def forward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, state, *,
-            with_checkpoints: bool):  # fmt: skip
-    """Runs the forward kernel.
+            segs=None, with_checkpoints: bool):  # fmt: skip
+    """Runs the forward kernel (no packed documents yet: `segs` must be None).
 
     Args:
       q, k, v: `[B, N C, H, D]` in the compute dtype; eta: `[B, N C, H]` fp32.
@@ -239,6 +239,7 @@ def forward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, 
       `(o [B, N C, H, D], W1, b1, W2, b2)` (final state), plus the checkpoints
       `[B, H, n_groups, ...]` of each state field with `with_checkpoints`.
     """
+    assert segs is None and not cfg.segmented, "the TTT-MLP kernel takes no segments"
     d, f = cfg.dim, cfg.hidden
     out_shape = kc.forward_out_shape(cfg, q, [(d, f), (f,), (f, d), (d,)], with_checkpoints)
     kernel = kc.kernel_partial(_forward_kernel, cfg=cfg, with_checkpoints=with_checkpoints)

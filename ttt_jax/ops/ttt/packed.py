@@ -48,7 +48,13 @@ from jax import lax
 
 from ttt_jax.ops.core.numerics import matmul
 from ttt_jax.ops.core.scan import chunked_scan
-from ttt_jax.ops.core.segments import doc_spans, gather_time, scatter_time, slot_layout
+from ttt_jax.ops.core.segments import (
+    SlotLayout,
+    doc_spans,
+    gather_time,
+    scatter_time,
+    slot_layout,
+)
 
 
 class Band(NamedTuple):
@@ -178,7 +184,6 @@ def run_packed(
     c = mini_batch_size
     n = t // c
     lay = slot_layout(segment_ids, c, jnp.float32)
-    spans = doc_spans(segment_ids)
     xs = (q, k, v, eta)
 
     def take(idx):  # idx [B, C] -> one mini-batch [B, H, C, ...]
@@ -241,27 +246,105 @@ def run_packed(
     _, out_last = step(state, last)
     parts.append(scatter_time(jnp.swapaxes(out_last, 1, 2), lay.last_read_idx, t))
     out = sum(parts[1:], parts[0])
+    out = out + _short_docs(
+        const_reads, xs, segment_ids, token_scale, c, out.dtype,
+        checkpoint_group=checkpoint_group, remat_policy=remat_policy, unroll=unroll,
+    )  # fmt: skip
+    return out, _final_state(lay, state, reset)
 
-    # Documents with no complete mini-batch, other than the call's first.
+
+def _short_docs(const_reads, xs, segment_ids, token_scale, c, dtype, **knobs) -> jax.Array:
+    """The outputs `[B, T, H, D]` of the documents with no complete mini-batch other than the
+    call's first (zeros elsewhere): constant reads (`_const_reads_scan`)."""
+    spans = doc_spans(segment_ids)
     short = (spans.start > 0) & (spans.length < c)
-    out_short = _const_reads_scan(
-        const_reads,
-        xs,
-        spans,
-        short,
-        token_scale,
-        c,
-        checkpoint_group=checkpoint_group,
-        remat_policy=remat_policy,
-        unroll=unroll,
-    )
-    out = out + jnp.where(short[..., None, None], out_short.astype(out.dtype), 0.0)
+    out_short = _const_reads_scan(const_reads, xs, spans, short, token_scale, c, **knobs)
+    return jnp.where(short[..., None, None], out_short.astype(dtype), 0.0)
 
-    # The carried state is the last document's only if it had a complete mini-batch (or is the
-    # call's first); a later document without one ends where it started.
-    final = jax.tree.map(
+
+def _final_state(lay, state, reset):
+    """The carried state is the last document's only if it had a complete mini-batch (or is
+    the call's first); a later document without one ends where it started (`reset`)."""
+    return jax.tree.map(
         lambda r, w: jnp.where(lay.last_continues.reshape(-1, *[1] * (w.ndim - 1)), w, r),
         reset,
         state,
     )
-    return out, final
+
+
+# The bits of a segmented TTT kernel's per-mini-batch flags (`kernel_layout`).
+RESET = 1  # the mini-batch starts from the reset state, not the carried one
+COMMIT = 2  # its update is written back into the state (else it is only read)
+
+
+def kernel_layout(segment_ids: jax.Array, c: int) -> tuple[SlotLayout, jax.Array, jax.Array]:
+    """The sequence a segmented TTT kernel walks: the slot scan of `run_packed` flattened.
+
+    Slot j of the slot layout becomes two mini-batches: its tail reads (the previous
+    document's trailing partial mini-batch, read with the state entering the slot, no update)
+    and its own tokens (a reset first where the slot starts a document, then the update), then
+    one more mini-batch for the reads after the last slot: `2 N + 1` mini-batches, N = T // C.
+
+    Returns:
+      `(layout, idx [B, (2 N + 1) C], flags [B, 2 N + 1] int32)`: the slot layout, the token
+      at each position of the kernel's sequence (T: padding, gathered as zeros, whose zero
+      rates leave the state unchanged), and each mini-batch's `RESET` / `COMMIT` bits.
+    """
+    b, t = segment_ids.shape
+    n = t // c
+    lay = slot_layout(segment_ids, c, jnp.float32)
+    tail_idx = jnp.where(lay.read_idx == lay.delta_idx, t, lay.read_idx)
+    pairs = jnp.stack([tail_idx.reshape(b, n, c), lay.delta_idx.reshape(b, n, c)], axis=2)
+    idx = jnp.concatenate([pairs.reshape(b, 2 * n * c), lay.last_read_idx], axis=1)
+    own = jnp.where(lay.keep == 0, RESET | COMMIT, COMMIT).astype(jnp.int32)  # [B, N]
+    flags = jnp.stack([jnp.zeros_like(own), own], axis=2).reshape(b, 2 * n)
+    flags = jnp.concatenate([flags, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    return lay, idx, flags
+
+
+def run_packed_kernel(
+    kernel: Callable[..., tuple[jax.Array, Any]],
+    const_reads: Callable[..., jax.Array],
+    state: Any,
+    reset: Any,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    eta: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    token_scale: jax.Array,
+    mini_batch_size: int,
+) -> tuple[jax.Array, Any]:
+    """`run_packed` on a TTT kernel: the same reads, the same outputs and final state.
+
+    The kernel walks the flattened slot sequence of `kernel_layout` (q, k, v, eta gathered
+    into it, so a copy of each of `2 N + 1` mini-batches), resetting and committing as its
+    flags say; its outputs are scattered back to the tokens' positions. Documents with no
+    complete mini-batch other than the call's first are read by the family's `const_reads` in
+    XLA (`_short_docs`), as in `run_packed`.
+
+    Args:
+      kernel: `(q, k, v, eta, state, flags, reset) -> (o, final_state)` on the kernel's
+        sequence (`q: [B, S, H, D]`, S = (2 N + 1) C; `flags: [B, 2 N + 1]`).
+      const_reads, state, q, k, v, eta, segment_ids, token_scale, mini_batch_size: as for
+        `run_packed`.
+      reset: the state later documents restart from, fields `[H, ...]` (the slow weights).
+
+    Returns:
+      `(out [B, T, H, D], state of the last document after its last complete mini-batch)`.
+    """
+    t = q.shape[1]
+    c = mini_batch_size
+    lay, idx, flags = kernel_layout(segment_ids, c)
+    xs = (q, k, v, eta)
+    o, final = kernel(*(gather_time(x, idx) for x in xs), state, flags, reset)
+    out = scatter_time(o, idx, t)
+    out = out + _short_docs(
+        const_reads, xs, segment_ids, token_scale, c, out.dtype,
+        checkpoint_group=None, remat_policy=None, unroll=1,
+    )  # fmt: skip
+    full_reset = jax.tree.map(
+        lambda r, s: jnp.broadcast_to(r, s.shape).astype(s.dtype), reset, final
+    )
+    return out, _final_state(lay, final, full_reset)
