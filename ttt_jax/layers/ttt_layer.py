@@ -81,8 +81,9 @@ class TTTConfig:
       unroll: inner scan unroll (speed only).
       impl: the TTT op's implementation (`ttt_jax.ops.ttt.ttt_linear` / `ttt_mlp`): "auto"
         (TTT-Linear: the fused Pallas kernel on a GPU for the calls it supports, the XLA scan
-        elsewhere and with `segment_ids`, which the kernels do not take yet; TTT-MLP: the XLA
-        scan, until its kernel is timed on a GPU), "xla", "pallas" or "pallas_interpret".
+        elsewhere and with `segment_ids`, whose kernel path has not run on a GPU yet ("pallas"
+        takes it); TTT-MLP: the XLA scan, until its kernel is timed on a GPU), "xla", "pallas"
+        or "pallas_interpret".
       kernel_checkpoint_group: the kernel's state-checkpoint spacing in mini-batches (what
         `checkpoint_group` is to the XLA scan): its backward keeps the fp32 state every this
         many mini-batches, `B H ceil(T / (C G)) (D^2 + D) 4` bytes (TTT-MLP, hidden F:

@@ -26,6 +26,18 @@ Memory (bytes), N = ceil(T / C) mini-batches, s = bytes of the compute dtype:
   plus the outputs and gradients themselves; with T not a multiple of C, zero-padded copies of
   q, k, v, eta (one mini-batch longer) are made and kept.
 
+Packed documents (`segment_ids`): the kernels walk the slot scan of the XLA path's
+`packed.run_packed` flattened (`packed.kernel_layout`): per slot of C tokens, a mini-batch of
+the previous document's tail (read with the state entering the slot, no update) and one of the
+slot's own tokens (restarting from the slow weights `W1, b1` where it starts a document), then
+the reads after the last slot: `2 N + 1` mini-batches (N = T // C) of q, k, v, eta gathered
+into that order (one copy), with per-mini-batch `RESET` / `COMMIT` bits. The reset is a
+`lax.cond` in the loop, the backward sums the reset state's cotangent per program into a
+`[B, H, D, D]` output (only at resets). Documents shorter than C other than the call's first
+are read in XLA (`packed._short_docs`, the XLA path's constant reads). The saved states and the
+scratch above then count `2 N + 1` mini-batches; tail mini-batches of slots without a tail
+still run (all padding: zero rates), so packing costs up to twice the unpacked kernel time.
+
 Interpret mode (`impl="pallas_interpret"`, the CPU tests) runs the same kernel bodies through the
 Pallas interpreter, which cannot reach: the Triton compilation (PTX, registers, shared memory),
 the bf16 tensor-core MMAs and their rounding, `num_warps` / `num_stages`, the CTA barrier that
@@ -54,9 +66,13 @@ def resolve_impl(impl: str, q, mini_batch_size: int, state_dtype, segment_ids=No
     """`"xla"`, `"pallas"` or `"pallas_interpret"` for the `impl` argument of `ttt_linear`.
 
     `auto` takes the kernel on a GPU for the calls it supports and the XLA path elsewhere;
+    with `segment_ids` it takes XLA until the packed kernel path has passed the GPU check
+    (it has passed the interpreter and Triton-lowering tests only; "pallas" opts in).
     `pallas` on an unsupported shape, dtype or backend raises a ValueError naming the argument
     and the supported set.
     """
+    if impl == "auto" and segment_ids is not None:
+        return "xla"
     return resolve(
         impl, lambda: unsupported_reason(q, mini_batch_size, state_dtype), segment_ids, None
     )
