@@ -58,7 +58,7 @@ KNOWN_PROMOTIONS = {
     # ttt_jax/layers/attention.py (from layers/lact.py:429): float64 with float32 under x64.
     "tests/layers/test_lact_segments_layer.py::test_packed_row_equals_documents_alone_muon_float64": "x64",
     # Test code written before the strict rule (its owner casts, then deletes the entry):
-    # `1.0 / jnp.arange(...)` (int32 with a Python float, line 43) and more in this file;
+    # int32 with a Python float in `1.0 / jnp.arange(...)` (fixed in `make_inputs`) and more;
     "tests/ops/ttt/test_mlp_kernel.py": "test inputs",
     # float32 with float64 in the test's loss (line 98).
     "tests/ops/lact/test_lact_backward_dtype.py::test_wide_compute_and_float32_are_plain_autodiff": "test loss",

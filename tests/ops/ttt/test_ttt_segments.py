@@ -28,7 +28,6 @@ from tests.ops.ttt.segments_helpers import (
     segment_ids,
     x64,
 )
-from ttt_jax.ops import ttt_mlp
 from ttt_jax.testing import rel_err
 
 
@@ -127,18 +126,3 @@ def test_bad_segment_ids_name_the_argument(inner, primal):
     for seg, message in bad_segment_ids():
         with pytest.raises(ValueError, match=message):
             run(inner, x, p, primal=primal, segment_ids=seg)
-
-
-def test_mlp_kernel_impl_has_no_segments_yet():
-    # A call the TTT-MLP kernel supports (C = 16, D = 16, F = 64, fp32), so that segment_ids is
-    # the only reason it refuses; impl="auto" takes the XLA path instead. (The TTT-Linear
-    # kernel takes segments: tests/ops/ttt/test_ttt_linear_kernel_segments.py.)
-    z = jnp.zeros((1, 32, 1, 16))
-    p = dict(W1=jnp.zeros((1, 16, 64)), b1=jnp.zeros((1, 64)), W2=jnp.zeros((1, 64, 16)))
-    p |= dict(b2=jnp.zeros((1, 16)), ln_scale=jnp.ones((1, 16)), ln_bias=jnp.zeros((1, 16)))
-    p |= dict(mini_batch_size=16)
-    seg = jnp.repeat(jnp.arange(2), 16)[None]
-    with pytest.raises(ValueError, match="segment_ids is not supported by the TTT-MLP kernel"):
-        ttt_mlp(z, z, z, z[..., 0], **p, impl="pallas_interpret", segment_ids=seg)
-    o, _ = ttt_mlp(z, z, z, z[..., 0], **p, impl="auto", segment_ids=seg)
-    assert o.shape == z.shape

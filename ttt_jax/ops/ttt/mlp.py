@@ -29,7 +29,7 @@ from ttt_jax.ops.ttt.common import (
     prepare_ttt,
 )
 from ttt_jax.ops.ttt.mlp_kernel import resolve_impl, ttt_mlp_pallas
-from ttt_jax.ops.ttt.packed import band_dual, band_rates
+from ttt_jax.ops.ttt.packed import band_dual, band_rates, run_packed_kernel
 
 NAMES = ("ttt_z", "ttt_grad", "ttt_z_bar")
 
@@ -133,21 +133,6 @@ def ttt_mlp(
     cd, acc, state = q.dtype, call.acc, call.state
     token_scale, ln_scale, ln_bias = call.token_scale, call.ln_scale, call.ln_bias
     ln_s, ln_b = ln_scale[None, :, None, :], ln_bias[None, :, None, :]  # against [B, H, C, D]
-    if backend != "xla":
-        o, *final = ttt_mlp_pallas(
-            q,
-            k,
-            v,
-            eta,
-            (state.W1, state.b1, state.W2, state.b2),
-            ln_scale,
-            ln_bias,
-            token_scale,
-            mini_batch_size=mini_batch_size,
-            checkpoint_group=checkpoint_group,
-            interpret=backend == "pallas_interpret",
-        )
-        return o, TTTMLPState(*final)
 
     def step(s: TTTMLPState, xs):
         qc, kc, vc, ec = xs  # [B, H, C, D], eta [B, H, C]
@@ -199,4 +184,31 @@ def ttt_mlp(
         z2_bar = z2_bar - band_dual(x2_bar, x2, g2, e, cd)
         return qc.astype(acc) + layer_norm(z2_bar, ln_s, ln_b, eps=LN_EPS)
 
-    return call.run(step, const_reads, q, k, v, eta)
+    if backend == "xla":
+        return call.run(step, const_reads, q, k, v, eta)
+
+    def kernel(q, k, v, eta, state, flags=None, reset=None):
+        fields = lambda s: (s.W1, s.b1, s.W2, s.b2)  # noqa: E731
+        o, *final = ttt_mlp_pallas(
+            q,
+            k,
+            v,
+            eta,
+            fields(state),
+            ln_scale,
+            ln_bias,
+            token_scale,
+            mini_batch_size=mini_batch_size,
+            checkpoint_group=checkpoint_group,
+            interpret=backend == "pallas_interpret",
+            segs=None if flags is None else (flags, fields(reset)),
+        )
+        return o, TTTMLPState(*final)
+
+    if segment_ids is None:
+        return kernel(q, k, v, eta, state)
+    o, state = run_packed_kernel(
+        kernel, const_reads, state, call.slow, q, k, v, eta, segment_ids,
+        token_scale=token_scale, mini_batch_size=mini_batch_size,
+    )  # fmt: skip
+    return o.astype(q.dtype), state

@@ -5,8 +5,11 @@ The same function as the XLA op in `mlp.py` (inner model `gelu_tanh(x W1 + b1) W
 state, any T with a trailing partial mini-batch read but not updating the state, fp32 state
 under bf16 inputs), computed by two sequential kernels with one program per (sample, head)
 (`mlp_kernel_fwd.py`, `mlp_kernel_bwd.py`), wrapped in a `jax.custom_vjp` (the harness both TTT
-kernels share: `kernel_common.py`). `segment_ids` is not taken by the kernels: `impl="auto"`
-routes such calls to the XLA path, `"pallas"` raises.
+kernels share: `kernel_common.py`). Packed documents (`segment_ids`) run as on the TTT-Linear
+kernel (`linear_kernel.py`): the flattened slot scan of `packed.kernel_layout`, `2 N + 1`
+mini-batches with per-mini-batch `RESET` / `COMMIT` bits, the reset a `lax.cond` on the
+register state or a copy into the "hbm" state (`mlp_kernel_fwd.maybe_reset`), short documents
+read in XLA; `impl="auto"` keeps packed calls on XLA until that path passes the GPU check.
 
 Forward of one mini-batch (dual form, every gradient at the start state `W1, b1, W2, b2`;
 `E[i, j] = a_i eta_j` for `j <= i` with `a = token_scale`, `s_j = a_{C-1} eta_j` (0 for the
@@ -105,15 +108,16 @@ def unsupported_reason(q, hidden: int, mini_batch_size: int, state_dtype) -> str
 def resolve_impl(impl: str, q, hidden: int, mini_batch_size: int, state_dtype, segment_ids=None):
     """`"xla"`, `"pallas"` or `"pallas_interpret"` for the `impl` argument of `ttt_mlp`.
 
-    `auto` takes the kernel on a GPU for the calls it supports (no `segment_ids`) and the XLA
-    path elsewhere; `pallas` / `pallas_interpret` on an unsupported call raise a ValueError
-    naming the argument and the supported set, `pallas` also off a GPU.
+    `auto` takes the kernel on a GPU for the calls it supports and the XLA path elsewhere,
+    and with `segment_ids` (the packed kernel path has passed the interpreter and
+    Triton-lowering tests only; "pallas" opts in); `pallas` / `pallas_interpret` on an
+    unsupported call raise a ValueError naming the argument and the supported set, `pallas`
+    also off a GPU.
     """
+    if impl == "auto" and segment_ids is not None:
+        return "xla"
     return resolve(
-        impl,
-        lambda: unsupported_reason(q, hidden, mini_batch_size, state_dtype),
-        segment_ids,
-        "segment_ids is not supported by the TTT-MLP kernel (only segment_ids=None)",
+        impl, lambda: unsupported_reason(q, hidden, mini_batch_size, state_dtype), segment_ids, None
     )
 
 
@@ -174,6 +178,7 @@ def ttt_mlp_pallas(
     fwd: Launch | None = None,
     bwd: Launch | None = None,
     poison: bool = False,
+    segs=None,
 ):
     """TTT-MLP on the kernels; arguments already checked by `ttt_mlp`.
 
@@ -186,6 +191,9 @@ def ttt_mlp_pallas(
       interpret: run under the Pallas interpreter.
       fwd, bwd: launch knobs of the forward and backward kernels (None: `launch_defaults`).
       poison: start the kernels' output buffers as NaN (tests of full coverage).
+      segs: None, or packed documents on the kernels' sequence (`packed.run_packed_kernel`):
+        `(flags [B, N] int32, (W1 [H, D, F], b1 [H, F], W2 [H, F, D], b2 [H, D]))`, each
+        mini-batch's `RESET` / `COMMIT` bits and the state a reset restarts from (T = N C).
 
     Returns:
       `(o [B, T, H, D] dtype of q, W1, b1, W2, b2)`, the final state fp32.
@@ -196,10 +204,13 @@ def ttt_mlp_pallas(
         checkpoint_group=checkpoint_group, interpret=interpret, poison=poison,
     )  # fmt: skip
     static["hidden"] = state[0].shape[-1]
+    static["segmented"] = segs is not None
     d = static["dim"]
     cd = static["compute_dtype"]
     fcfg = _config(fwd, launch_defaults(d, backward=False, compute_dtype=cd), **static)
     bcfg = _config(bwd, launch_defaults(d, backward=True, compute_dtype=cd), **static)
     state = tuple(x.astype(jnp.float32) for x in state)
-    o, *final = fused(forward, backward, fcfg, bcfg, *inputs, state)
+    if segs is not None:
+        segs = (segs[0], tuple(x.astype(jnp.float32) for x in segs[1]))
+    o, *final = fused(forward, backward, fcfg, bcfg, *inputs, state, segs)
     return (o[:, :t], *final)

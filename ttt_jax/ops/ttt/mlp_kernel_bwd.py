@@ -22,28 +22,43 @@ from ttt_jax.ops.ttt import kernel_common as kc
 from ttt_jax.ops.ttt import kernel_math as km
 from ttt_jax.ops.ttt import mlp_kernel_math as mm
 from ttt_jax.ops.ttt.kernel_common import pl
-from ttt_jax.ops.ttt.mlp_kernel_fwd import MLPKernelConfig, load_state, open_state
+from ttt_jax.ops.ttt.mlp_kernel_fwd import MLPKernelConfig, load_state, maybe_reset, open_state
 
 
 def _backward_kernel(*refs, cfg: MLPKernelConfig):
     q_ref, k_ref, v_ref, eta_ref, ts_ref, lnw_ref, lnb_ref = refs[:7]
     ck1_ref, ckb1_ref, ck2_ref, ckb2_ref = refs[7:11]
     do_ref, dw1f_ref, db1f_ref, dw2f_ref, db2f_ref = refs[11:16]
-    dq_ref, dk_ref, dv_ref, deta_ref = refs[16:20]
-    dw10_ref, db10_ref, dw20_ref, db20_ref, dlnw_ref, dlnb_ref, dts_ref = refs[20:27]
-    sw1_ref, sb1_ref, sw2_ref, sb2_ref = refs[27:31]
-    rw_refs = tuple(refs[31:33])  # the replay's fp32 state ("hbm" only)
+    refs = refs[16:]
+    flags_ref = reset_refs = None
+    if cfg.segmented:
+        flags_ref, reset_refs, refs = refs[0], refs[1:5], refs[5:]
+    dq_ref, dk_ref, dv_ref, deta_ref = refs[:4]
+    dw10_ref, db10_ref, dw20_ref, db20_ref, dlnw_ref, dlnb_ref, dts_ref = refs[4:11]
+    refs = refs[11:]
+    dreset_refs = ()
+    if cfg.segmented:
+        dreset_refs, refs = refs[:4], refs[4:]
+    sw1_ref, sb1_ref, sw2_ref, sb2_ref = refs[:4]
+    rw_refs = tuple(refs[4:6])  # the replay's fp32 state ("hbm" only)
     b, h = pl.program_id(0), pl.program_id(1)
     c, d, cd, f32, nb = cfg.mini_batch, cfg.dim, cfg.cd, jnp.float32, cfg.n_blocks
     blk = cfg.block
     inputs = (q_ref, k_ref, v_ref, eta_ref)
     gamma, beta, a_causal, a_last = kc.head_params(lnw_ref, lnb_ref, ts_ref, h, c)
 
+    for ref in dreset_refs:  # sums over this program's resets
+        ref[b, h] = jnp.zeros(ref.shape[2:], ref.dtype)
+
     def replay(start):
         def body(j, carry):
             wcarry, b1s, b2 = carry
-            state = open_state(cfg, wcarry, rw_refs, b, h)
             i = start + j
+            if cfg.segmented:
+                wcarry, b1s, b2 = maybe_reset(
+                    cfg, flags_ref, reset_refs, (wcarry, b1s, b2), rw_refs, b, h, i
+                )
+            state = open_state(cfg, wcarry, rw_refs, b, h)
             for n in range(nb):
                 w1, w2 = state.get(n)
                 sw1_ref[b, h, j, :, blk(n)] = w1.astype(sw1_ref.dtype)
@@ -58,7 +73,7 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
                 return w1.astype(cd), w2.astype(cd)
 
             z1s, x2s, (g2, *_) = mm.pass_a(k, t, w, b1s, b2, gamma, beta, cd, nb)
-            step = (jnp.where(i < cfg.n_full, a_last, 0.0) * eta)[:, None]
+            step = (jnp.where(kc.commits(cfg, flags_ref, b, i), a_last, 0.0) * eta)[:, None]
             g2e = g2 * step
             new_b1s = []
             for n in range(nb):
@@ -91,7 +106,7 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
             rows = pl.ds(i * c, c)
             dout = do_ref[b, rows, h, :].astype(f32)
             t = v.astype(f32) - k.astype(f32)
-            full = i < cfg.n_full
+            full = kc.commits(cfg, flags_ref, b, i)
             scale = jnp.where(full, a_last, 0.0)
             s = (scale * eta)[:, None]
             # --- recompute this mini-batch's forward tiles from its starting state
@@ -184,9 +199,36 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
             dk += km.dot(dqk, q, cd, ta=True) - dt
             deta, dts = km.rate_grads(de + da1 * qk1, dsv, eta, a_causal, scale, full, dts)
             kc.store_input_grads((dq_ref, dk_ref, dv_ref, deta_ref), b, h, rows, (dq, dk, dt, deta))
-            return dstate.carry(), tuple(new_db1s), db2, dgamma, dbeta, dts
+            dwcarry, db1s = dstate.carry(), tuple(new_db1s)
+            if cfg.segmented:
+                dwcarry, db1s, db2 = collect_reset_grads(dstate, (dwcarry, db1s, db2), i)
+            return dwcarry, db1s, db2, dgamma, dbeta, dts
 
         return body
+
+    def collect_reset_grads(dstate, dcarry, i):
+        # The backward of `maybe_reset`: where mini-batch i reset, the cotangent of its
+        # starting state adds into the reset sums and the carried state before it gets none.
+        dwcarry, db1s, db2 = dcarry
+        reset = kc.resets(flags_ref, b, i)
+        dr1, drb1, dr2, drb2 = dreset_refs
+
+        @pl.when(reset)
+        def _():
+            for n in range(nb):
+                dw1, dw2 = dstate.get(n)
+                dr1[b, h, :, blk(n)] = dr1[b, h, :, blk(n)] + dw1
+                dr2[b, h, blk(n), :] = dr2[b, h, blk(n), :] + dw2
+                drb1[b, h, blk(n)] = drb1[b, h, blk(n)] + db1s[n]
+            drb2[b, h, :] = drb2[b, h, :] + db2
+            if cfg.state_in == "hbm":
+                for n in range(nb):
+                    dw1, dw2 = dstate.get(n)
+                    dstate.set(n, jnp.zeros_like(dw1), jnp.zeros_like(dw2))
+                dstate.sync()
+
+        zero = lambda x: jnp.where(reset, jnp.zeros_like(x), x)  # noqa: E731
+        return jax.tree.map(zero, dwcarry), jax.tree.map(zero, db1s), zero(db2)
 
     def checkpoint(grp):
         return (
@@ -213,7 +255,7 @@ def _backward_kernel(*refs, cfg: MLPKernelConfig):
 
 
 def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, ckpts, do,
-             dstate, *, segs=None):  # fmt: skip
+             dstate, *, segs):  # fmt: skip
     """Runs the backward kernel.
 
     Args: the forward's inputs (as in `mlp_kernel_fwd.forward`), its four checkpoint arrays,
@@ -222,14 +264,19 @@ def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias,
 
     Returns:
       `dq, dk, dv` (dtype of q), `deta [B, N C, H]`, the four initial-state cotangents (fp32),
-      and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`.
+      and the per-(b, h) partial sums `dln_scale, dln_bias [B, H, D]`, `dtoken_scale [B, H, C]`;
+      with `segs` (as for the forward), also the per-sample cotangent of the reset state (its
+      four fields, `[B, H, ...]` fp32).
     """
-    assert segs is None, "the TTT-MLP kernel takes no segments"
     bsz, _, heads, d = q.shape
     f, g = cfg.hidden, cfg.group
     f32 = jnp.float32
     sd = jax.ShapeDtypeStruct
     out_shape = kc.backward_out_shape(cfg, q, [(d, f), (f,), (f, d), (d,)])
+    seg_args = ()
+    if segs is not None:
+        seg_args = (segs[0], *segs[1])
+        out_shape += [sd((bsz, *r.shape), f32) for r in segs[1]]
     n_out = len(out_shape)
     # Scratch: the replayed states of one group (W1, W2 in the compute dtype) and their biases.
     out_shape += [
@@ -241,5 +288,8 @@ def backward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias,
     if cfg.state_in == "hbm":  # the replay's fp32 W1, W2
         out_shape += [sd((bsz, heads, d, f), f32), sd((bsz, heads, f, d), f32)]
     kernel = kc.kernel_partial(_backward_kernel, cfg=cfg)
-    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, *ckpts, do, *dstate)
-    return kc.call(kernel, cfg, out_shape, *args)[:n_out]
+    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, *ckpts, do, *dstate, *seg_args)
+    outs = kc.call(kernel, cfg, out_shape, *args)[:n_out]
+    if segs is None:
+        return outs
+    return (*outs[:-4], tuple(outs[-4:]))

@@ -133,15 +133,16 @@ def open_state(cfg: MLPKernelConfig, carry, refs, b, h):
     return HbmState(cfg, *refs, b, h)
 
 
-def load_state(cfg: MLPKernelConfig, src, dst, b, h, src_index=()):
+def load_state(cfg: MLPKernelConfig, src, dst, b, h, src_index=(), at=None):
     """The initial carry of a state store: the blocks of `src = (W1 ref, W2 ref)` at
-    `[b, h, *src_index]` as values ("registers"), or copied into `dst` refs ("hbm": `()`)."""
+    `[b, h, *src_index]` (or at the index tuple `at`) as values ("registers"), or copied into
+    `dst` refs ("hbm": `()`)."""
     w1_ref, w2_ref = src
+    at = (b, h, *src_index) if at is None else at
     blocks = [
-        (w1_ref[(b, h, *src_index, slice(None), cfg.block(j))],
-         w2_ref[(b, h, *src_index, cfg.block(j), slice(None))])
+        (w1_ref[(*at, slice(None), cfg.block(j))], w2_ref[(*at, cfg.block(j), slice(None))])
         for j in range(cfg.n_blocks)
-    ]  # fmt: skip
+    ]
     if cfg.state_in == "registers":
         return tuple(w for w, _ in blocks), tuple(w for _, w in blocks)
     store = HbmState(cfg, *dst, b, h)
@@ -151,10 +152,40 @@ def load_state(cfg: MLPKernelConfig, src, dst, b, h, src_index=()):
     return ()
 
 
+def maybe_reset(cfg: MLPKernelConfig, flags_ref, reset_refs, carry, hbm_refs, b, h, i):
+    """The state mini-batch `i` starts from (packed documents): head `h`'s reset state
+    (`reset_refs = (W1 [H, D, F], b1 [H, F], W2 [H, F, D], b2 [H, D])`) where it is flagged
+    `RESET`, else the carried one. `carry = (wcarry, b1s, b2)` as the loops carry it; with
+    "hbm" state the reset is copied into `hbm_refs` (the store's W1, W2 refs)."""
+    r1, rb1, r2, rb2 = reset_refs
+    wcarry, b1s, b2 = carry
+    reset = kc.resets(flags_ref, b, i)
+
+    def fresh_biases():
+        return tuple(rb1[h, cfg.block(j)] for j in range(cfg.n_blocks)), rb2[h, :]
+
+    if cfg.state_in == "registers":
+        return lax.cond(
+            reset,
+            lambda: (load_state(cfg, (r1, r2), (), b, h, at=(h,)), *fresh_biases()),
+            lambda: (wcarry, b1s, b2),
+        )
+
+    @pl.when(reset)
+    def _():
+        load_state(cfg, (r1, r2), hbm_refs, b, h, at=(h,))
+
+    return (), *lax.cond(reset, fresh_biases, lambda: (b1s, b2))
+
+
 def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
     q_ref, k_ref, v_ref, eta_ref, ts_ref, lnw_ref, lnb_ref = refs[:7]
     w10_ref, b10_ref, w20_ref, b20_ref = refs[7:11]
-    o_ref, w1f_ref, b1f_ref, w2f_ref, b2f_ref = refs[11:16]
+    refs = refs[11:]
+    flags_ref = reset_refs = None
+    if cfg.segmented:
+        flags_ref, reset_refs, refs = refs[0], refs[1:5], refs[5:]
+    o_ref, w1f_ref, b1f_ref, w2f_ref, b2f_ref = refs[:5]
     b, h = pl.program_id(0), pl.program_id(1)
     c, cd, f32, nb = cfg.mini_batch, cfg.cd, jnp.float32, cfg.n_blocks
     gamma, beta, a_causal, a_last = kc.head_params(lnw_ref, lnb_ref, ts_ref, h, c)
@@ -163,7 +194,7 @@ def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
         wcarry, b1s, b2 = carry
         state = open_state(cfg, wcarry, (w1f_ref, w2f_ref), b, h)
         if with_checkpoints:
-            ck1_ref, ckb1_ref, ck2_ref, ckb2_ref = refs[16:20]
+            ck1_ref, ckb1_ref, ck2_ref, ckb2_ref = refs[5:9]
 
             # lax.rem / lax.div: jnp's floor-mod lowers to mixed i32/i1 Triton ops (i >= 0).
             @pl.when(lax.rem(i, cfg.group) == 0)
@@ -176,6 +207,12 @@ def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
                     ckb1_ref[b, h, g, cfg.block(j)] = b1s[j]
                 ckb2_ref[b, h, g, :] = b2
 
+        if cfg.segmented:  # after the checkpoint: the backward's replay resets as this does
+            carry = (wcarry, b1s, b2)
+            wcarry, b1s, b2 = maybe_reset(
+                cfg, flags_ref, reset_refs, carry, (w1f_ref, w2f_ref), b, h, i
+            )
+            state = open_state(cfg, wcarry, (w1f_ref, w2f_ref), b, h)
         q, k, v, eta = kc.chunk_inputs((q_ref, k_ref, v_ref, eta_ref), b, h, i, c)
         t = v.astype(f32) - k.astype(f32)
 
@@ -186,8 +223,9 @@ def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
         z1s, x2s, (g2, *_) = mm.pass_a(k, t, w, b1s, b2, gamma, beta, cd, nb)
         e = a_causal * eta[None, :]
         attn1 = e * (km.dot(q, k, cd, tb=True) + 1.0)
-        # A trailing partial mini-batch is read but does not update the state.
-        step = jnp.where(i < cfg.n_full, a_last, 0.0) * eta
+        # A trailing partial mini-batch (or a packed document's tail) is read but does not
+        # update the state.
+        step = jnp.where(kc.commits(cfg, flags_ref, b, i), a_last, 0.0) * eta
         g2e = g2 * step[:, None]
         s2 = jnp.zeros((c, c), f32)
         z2b = b2[None, :] + jnp.zeros((c, cfg.dim), f32)
@@ -227,20 +265,24 @@ def _forward_kernel(*refs, cfg: MLPKernelConfig, with_checkpoints: bool):
 
 
 def forward(cfg: MLPKernelConfig, q, k, v, eta, token_scale, ln_scale, ln_bias, state, *,
-            segs=None, with_checkpoints: bool):  # fmt: skip
-    """Runs the forward kernel (no packed documents yet: `segs` must be None).
+            segs, with_checkpoints: bool):  # fmt: skip
+    """Runs the forward kernel.
 
     Args:
       q, k, v: `[B, N C, H, D]` in the compute dtype; eta: `[B, N C, H]` fp32.
       token_scale: `[C]`, ln_scale, ln_bias: `[H, D]`, all fp32.
       state: `(W1 [B, H, D, F], b1 [B, H, F], W2 [B, H, F, D], b2 [B, H, D])` fp32.
+      segs: None, or with `cfg.segmented` `(flags [B, N] int32, (W1 [H, D, F], b1 [H, F], W2
+        [H, F, D], b2 [H, D]))`, the per-mini-batch `RESET` / `COMMIT` bits and the fp32 state
+        a reset restarts from.
 
     Returns:
       `(o [B, N C, H, D], W1, b1, W2, b2)` (final state), plus the checkpoints
       `[B, H, n_groups, ...]` of each state field with `with_checkpoints`.
     """
-    assert segs is None and not cfg.segmented, "the TTT-MLP kernel takes no segments"
     d, f = cfg.dim, cfg.hidden
     out_shape = kc.forward_out_shape(cfg, q, [(d, f), (f,), (f, d), (d,)], with_checkpoints)
     kernel = kc.kernel_partial(_forward_kernel, cfg=cfg, with_checkpoints=with_checkpoints)
-    return kc.call(kernel, cfg, out_shape, q, k, v, eta, token_scale, ln_scale, ln_bias, *state)
+    seg_args = () if segs is None else (segs[0], *segs[1])
+    args = (q, k, v, eta, token_scale, ln_scale, ln_bias, *state, *seg_args)
+    return kc.call(kernel, cfg, out_shape, *args)
